@@ -1,0 +1,1 @@
+"""One module per ``ssah-plugin`` subcommand (see :mod:`ssah_plugin.cli`)."""

@@ -1,0 +1,100 @@
+"""``SSAHOptimizer``: the same guarantee for custom PyTorch / accelerate training loops.
+
+    optimizer = SSAHOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1),
+                              model, "mask.safetensors")
+
+When it acts: at construction it validates the mask, snapshots the frozen slices and registers gradient hooks
+(so the *next* ``backward()`` already produces zero gradients on frozen slices, before you clip); every
+``step()`` runs the wrapped optimizer's step and then writes the snapshot back, before you call ``zero_grad()``.
+Everything else (``param_groups``, ``state``, ``state_dict``, ``zero_grad``, LR schedulers, accelerate's
+``prepare``) goes to the wrapped optimizer.
+
+Under DeepSpeed use :func:`ssah_plugin.deepspeed_enforce` on the engine instead (ZeRO replaces the optimizer's
+parameters with flat partitions, so a wrapper around your optimizer never sees the model's tensors).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .enforce import MaskLike, build_enforcer
+from .errors import UnsupportedSetupError
+
+__all__ = ["SSAHOptimizer"]
+
+
+class SSAHOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that ``model``'s frozen units stay bitwise equal to their values at wrap time.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        model: the model (wrappers such as DDP or PEFT are fine).
+        mask: mask file path or :class:`~ssah_plugin.Mask`.
+        policy: which units to freeze; default: the mask's default policy.
+        check_fingerprint: refuse weights other than those the mask was made from.
+        grad_mode: see :class:`~ssah_plugin.freeze.FreezeEngine`; ``"auto"`` picks per host.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: MaskLike, policy: str | None = None,
+                 *, check_fingerprint: bool = True, grad_mode: str = "auto"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise UnsupportedSetupError(
+                "SSAHOptimizer cannot wrap an optimizer of a DeepSpeed model: ZeRO replaces the optimizer's parameters "
+                "with flat partitions. Call ssah_plugin.deepspeed_enforce(engine, mask) after deepspeed.initialize")
+        self.optimizer = optimizer
+        self.mask, self.enforcer = build_enforcer(mask, model, policy, optimizer=None,
+                                                  check_fingerprint=check_fingerprint, grad_mode=grad_mode)
+        self.policy = policy or self.mask.default_policy
+        self._check_params_covered(model)
+        # Initialise torch's Optimizer bookkeeping (hooks, profiling names), then share the inner state.
+        super().__init__([{"params": g["params"]} for g in optimizer.param_groups], dict(optimizer.defaults))
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+        self.enforcer.attach()
+
+    def _check_params_covered(self, model: nn.Module) -> None:
+        owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        if not any(id(s.param) in owned for s in self.enforcer.slices) and self.enforcer.slices:
+            raise UnsupportedSetupError(
+                "none of the frozen parameters is in this optimizer: was it built for another model (or before PEFT "
+                "wrapped the model)? Build the optimizer from the model you pass here")
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        self.enforcer.after_step()
+
+    def step(self, closure=None):  # type: ignore[override]
+        """Run the wrapped optimizer's step, then restore the frozen slices bitwise."""
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self._restore()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self.state = self.optimizer.state
+        self.param_groups = self.optimizer.param_groups
+
+    def add_param_group(self, param_group) -> None:
+        if hasattr(self, "optimizer"):
+            self.optimizer.add_param_group(param_group)
+        else:  # during torch.optim.Optimizer.__init__
+            super().add_param_group(param_group)
+
+    def max_drift(self) -> float:
+        """Largest absolute change of any frozen value since wrapping (0.0 when exact)."""
+        return self.enforcer.max_drift()
+
+    def remove_hooks(self) -> None:
+        self.enforcer.detach()
+
+    def __repr__(self) -> str:
+        return f"SSAHOptimizer({self.optimizer!r}, policy={self.policy!r})"
