@@ -70,6 +70,9 @@ def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> lis
     Indices of all frozen units that touch the same parameter are merged (sorted, unique), so the per-step work is
     one vectorised ``index_copy_`` per parameter, whatever the number of units.
     """
+    from ._peft import check_peft_setup, saved_copies, saved_copy_slices
+
+    check_peft_setup(model)  # refuse DoRA, PiSSA, non-LoRA PEFT methods... before anything else
     root = unwrap_model(model)
     sets = mask.frozen(policy)
     merged: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)
@@ -85,6 +88,10 @@ def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> lis
     peft_layers: list[tuple[nn.Module, str, str, torch.Tensor]] = []
     for (module_path, pname, axis), parts in merged.items():
         idx = torch.unique(torch.cat(parts))
+        copies = saved_copies(root, module_path)  # PEFT modules_to_save: the original and every adapter's copy
+        if copies is not None:
+            out.extend(saved_copy_slices(copies, pname, axis, roles[(module_path, pname, axis)], idx))
+            continue
         mod = find_module(root, module_path)
         if mod is not None and _is_tuner_layer(mod):
             peft_layers.append((mod, f"{module_path}.{pname}", roles[(module_path, pname, axis)], idx))
