@@ -17,7 +17,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["generate", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
+__all__ = ["generate", "generate_ids", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,6 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -129,7 +128,27 @@ def generate(
 
     The model is put in eval mode for the call (its training flag is restored); the tokenizer's ``padding_side``
     is restored afterwards. Without a pad token, the first eos id pads (masked out by the attention mask).
+
+    Example:
+        >>> replies = generate(model, tokenizer, ["How do I bake bread?"], max_new_tokens=32)  # doctest: +SKIP
     """
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       system=system, progress=progress)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Like :func:`generate`, but returns the new token ids of each reply, without the stop token."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
     prompts = list(prompts)
@@ -143,7 +162,7 @@ def generate(
     device = _device(model)
     was_training = model.training
     old_side = tokenizer.padding_side
-    out: list[str | None] = [None] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     bar = None
     if progress:
@@ -152,7 +171,7 @@ def generate(
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False)
     try:
         model.eval()
-        tokenizer.padding_side = "left"
+        tokenizer.padding_side = "left"  # the layout built below; restored in `finally`
         for batch in batches:
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -169,7 +188,7 @@ def generate(
             for row, i in enumerate(batch):
                 toks = new[row].tolist()
                 cut = next((k for k, t in enumerate(toks) if t in eos), len(toks))
-                out[i] = tokenizer.decode(toks[:cut], skip_special_tokens=True)
+                out[i] = toks[:cut]
             if bar is not None:
                 bar.update(len(batch))
     finally:
@@ -178,4 +197,4 @@ def generate(
         if bar is not None:
             bar.close()
     logger.debug("generated %d replies (max_new_tokens=%d, batch_size=%d)", len(out), max_new_tokens, batch_size)
-    return [o if o is not None else "" for o in out]
+    return out

@@ -1,0 +1,133 @@
+"""ASR and benign loss: exact against manual computations; data loaders; harmful text never logged."""
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+import ssah_plugin.evaluate as ev
+from ssah_plugin.errors import DataError
+from ssah_plugin.generation import chat_prompt
+from ssah_plugin.judge import RefusalJudge
+from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+
+PAIRS = [("What is 2+2?", "It is 4."),
+         ("Write a short greeting for a letter to a friend.", "Dear friend, I hope this letter finds you well."),
+         ("Name a colour.", "Blue")]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+def manual_loss(model, tok, pairs):
+    """Independent reference: prompt ids from the generation prompt, response ids of 'response<|im_end|>'."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in pairs:
+            p = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+            r = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)
+            for k, tok_id in enumerate(r):
+                total -= float(logp[len(p) + k - 1, tok_id])
+                count += 1
+    return total / count, count
+
+
+def test_benign_loss_equals_manual_computation(model_tok):
+    model, tok = model_tok
+    expected, count = manual_loss(model, tok, PAIRS)
+    for bs in (1, 2, 8):  # right padding in batches must not change the result
+        got = ev.benign_loss(model, tok, PAIRS, batch_size=bs, progress=False)
+        assert got["tokens"] == count and got["n"] == 3 and got["truncated"] == 0
+        assert got["loss"] == pytest.approx(expected, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    as_dicts = [{"prompt": p, "response": r} for p, r in PAIRS]
+    assert ev.benign_loss(model, tok, as_dicts, progress=False)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_benign_loss_truncation_keeps_response(model_tok):
+    model, tok = model_tok
+    long_prompt = "Please read all of this carefully. " * 20
+    got = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], max_length=16, progress=False)
+    full = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], progress=False)
+    assert got["truncated"] == 1 and full["truncated"] == 0
+    assert got["tokens"] == full["tokens"]  # response kept whole
+    with pytest.raises(ValueError):
+        ev.benign_loss(model, tok, PAIRS, max_length=1)
+    with pytest.raises(DataError):
+        ev.benign_loss(model, tok, [], progress=False)
+
+
+def test_attack_success_rate_counts_and_never_logs_text(model_tok, monkeypatch, caplog):
+    model, tok = model_tok
+    secret = "SECRETHARMFULTEXT"
+    replies = ["I'm sorry, I cannot help with that.", f"Sure, {secret} " + "step " * 30, "ok"]
+    monkeypatch.setattr(ev, "generate", lambda m, t, prompts, **kw: list(replies))
+    with caplog.at_level(logging.DEBUG):
+        res = ev.attack_success_rate(model, tok, [f"{secret} prompt {i}" for i in range(3)], max_new_tokens=4)
+    assert res["flags"] == [False, True, False]
+    assert res["asr"] == pytest.approx(1 / 3) and res["refusal_rate"] == pytest.approx(2 / 3)
+    assert res["n"] == 3 and res["n_attack_success"] == 1
+    assert res["matched"][0] == "I'm sorry" and res["matched"][2] is None
+    assert res["generation"] == {"max_new_tokens": 4}
+    assert secret not in caplog.text
+    qi = ev.attack_success_rate(model, tok, ["a", "b", "c"], judge=RefusalJudge("qi2023_keyword_eval_test_prefixes",
+                                                                                min_words=0))
+    assert qi["flags"] == [False, True, True]
+
+
+def test_evaluate_checkpoint_and_compare_on_tiny(model_tok):
+    model, tok = model_tok
+    res = ev.compare(["tiny:llama", ("same", model, tok)], limit=2, max_new_tokens=4, progress=False)
+    assert [r["name"] for r in res] == ["tiny:llama", "same"]
+    for r in res:
+        assert r["n_harmful"] == 2 and r["n_benign"] == 2 and 0.0 <= r["asr"] <= 1.0
+        assert r["benign_loss"] > 0 and len(r["details"]["responses"]) == 2
+    # tiny:llama is seeded: the loaded model is the fixture's model, so the numbers agree exactly
+    assert res[0]["benign_loss"] == res[1]["benign_loss"]
+    assert res[0]["details"]["responses"] == res[1]["details"]["responses"]
+    only_utility = ev.evaluate_checkpoint(model, tok, safety=False, benign=PAIRS, progress=False)
+    assert only_utility["asr"] is None and only_utility["n_benign"] == 3
+
+
+def test_shipped_data_defaults_and_disjoint_split():
+    assert len(ev.load_harmful()) == 100
+    assert len(ev.load_harmful("advbench:calib")) == 420
+    assert len(ev.load_harmful(limit=5)) == 5
+    held, train = ev.load_benign(), ev.load_benign("benign:train")
+    assert len(held) == 156 and len(held) + len(train) == 1561
+    assert not set(held) & set(train)
+
+
+def test_loaders_read_files_and_reject_bad_rows(tmp_path):
+    jl = tmp_path / "h.jsonl"
+    jl.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"goal": "b"}) + "\n")
+    assert ev.load_harmful(jl) == ["a", "b"]
+    txt = tmp_path / "h.txt"
+    txt.write_text("x\ny\n")
+    assert ev.load_harmful(txt) == ["x", "y"]
+    bj = tmp_path / "b.json"
+    bj.write_text(json.dumps([{"instruction": "i", "input": "in", "output": "o"}, {"prompt": "p", "response": "r"}]))
+    assert ev.load_benign(bj) == [("i\n\nin", "o"), ("p", "r")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        ev.load_harmful(bad)
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(DataError, match="prompt"):
+        ev.load_harmful(nofield)
+    with pytest.raises(DataError, match="response"):
+        ev.load_benign(nofield)
+    with pytest.raises(DataError, match="does not exist"):
+        ev.load_harmful(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="split"):
+        ev.load_harmful("advbench:nope")
+    with pytest.raises(DataError, match="tiny"):
+        ev.load_model("tiny:nope")
+    with pytest.raises(DataError, match="does not exist"):
+        ev.load_model("./no/such/folder")
