@@ -46,6 +46,7 @@ __all__ = [
     "saved_copy_slices",
     "is_adapter_dir",
     "merge_adapter_state",
+    "compare_frozen_units",
     "SUPPORTED_INITS",
 ]
 
@@ -62,7 +63,12 @@ _LORA_PARAM_PREFIXES = ("lora_A", "lora_B")
 def _peft_configs(model: nn.Module) -> dict:
     """``{adapter_name: config}`` of the PEFT model inside ``model`` (DDP / DeepSpeed wrappers looked through)."""
     for m in model.modules():
-        cfg = m.__dict__.get("peft_config")  # PeftModel and the tuner (LoraModel) both hold it
+        if not type(m).__module__.startswith("peft."):
+            continue
+        try:  # PeftModel (a property for prompt learning) and the tuner (LoraModel) both hold it
+            cfg = getattr(m, "peft_config", None)
+        except AttributeError:
+            cfg = None
         if isinstance(cfg, dict) and cfg:
             return cfg
     return {}
@@ -82,7 +88,10 @@ def check_peft_setup(model: nn.Module) -> None:
     Raises:
         UnsupportedSetupError: naming the adapter, the offending option and the fix.
     """
-    configs = _peft_configs(model)
+    _check_configs(_peft_configs(model))
+
+
+def _check_configs(configs: dict) -> None:
     for adapter, cfg in configs.items():
         ptype = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None)))
         if ptype != "LORA":
@@ -346,9 +355,7 @@ def merge_adapter_state(base: str | os.PathLike | nn.Module, adapter_dir: str | 
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    probe = nn.Module()
-    probe.peft_config = {"default": cfg}
-    check_peft_setup(probe)
+    _check_configs({"default": cfg})
     wrapped = peft.PeftModel.from_pretrained(model, str(adapter_dir))
     check_peft_setup(wrapped)
     for mod in wrapped.modules():
@@ -356,3 +363,34 @@ def merge_adapter_state(base: str | os.PathLike | nn.Module, adapter_dir: str | 
             _check_layer(mod, type(mod).__name__)
     logger.info("merging adapter %s into its base", adapter_dir)
     return wrapped.merge_and_unload()
+
+
+@torch.no_grad()
+def compare_frozen_units(mask, base: nn.Module, tuned: nn.Module, policy: str | None = None) -> dict:
+    """Compare two plain (merged) models slice by slice: which frozen slices differ, how many unfrozen ones moved.
+
+    Returns ``{"mismatched": [slice names whose frozen entries are not bitwise equal], "changed_unfrozen": number
+    of unit slices whose unfrozen entries changed, "checked": number of frozen slices compared}``. Both models must
+    be plain transformers models (``merge_and_unload`` output, not a ``PeftModel``).
+    """
+    from .resolve import find_weight
+    from .units import unwrap_model
+
+    rb, rt = unwrap_model(base), unwrap_model(tuned)
+    mismatched: list[str] = []
+    changed = checked = 0
+    for g, frozen in zip(mask.groups, mask.frozen(policy)):
+        for s in g.slices:
+            wb, wt = find_weight(rb, s.module, s.param), find_weight(rt, s.module, s.param)
+            if wb is None or wt is None:
+                mismatched.append(f"{s.name} (missing)")
+                continue
+            fi = s.index[frozen].reshape(-1).to(wb.device)
+            ui = s.index[~frozen].reshape(-1).to(wb.device)
+            if fi.numel():
+                checked += 1
+                if not torch.equal(wb.index_select(s.axis, fi), wt.to(wb.device).index_select(s.axis, fi)):
+                    mismatched.append(s.name)
+            if ui.numel() and not torch.equal(wb.index_select(s.axis, ui), wt.to(wb.device).index_select(s.axis, ui)):
+                changed += 1
+    return {"mismatched": mismatched, "changed_unfrozen": changed, "checked": checked}

@@ -63,6 +63,9 @@ class SSAHCallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
+            from ._peft import check_peft_setup
+
+            check_peft_setup(model)  # TRL wraps with peft_config before this hook: refuse DoRA etc. here
             self.mask.validate(model, check_fingerprint=self.check_fingerprint and not _is_zero3(model))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -98,6 +98,9 @@ def build_enforcer(
     before any reduction) when several processes train together.
     """
     mask = load_mask(mask)
+    from ._peft import check_peft_setup
+
+    check_peft_setup(model)  # DoRA, PiSSA, prefix tuning, LoHa...: refused before any other check
     host = detect_host(model, optimizer)
     if host == "deepspeed":
         from ._deepspeed import build_deepspeed_enforcer
