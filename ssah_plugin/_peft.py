@@ -335,12 +335,13 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def merge_adapter_state(base: str | os.PathLike | nn.Module, adapter_dir: str | os.PathLike, *,
-                        torch_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+                        dtype: torch.dtype | str = "auto") -> nn.Module:
     """Load ``adapter_dir`` onto ``base`` (a model directory or a loaded model) and return the merged model.
 
     The adapter's configuration is checked with :func:`check_peft_setup` first (a DoRA or PiSSA adapter is refused,
     since its merge is not ``W + s · B @ A``). The merge is PEFT's ``merge_and_unload``, so what is verified is
-    exactly what users deploy. When ``base`` is a model object it is modified in place (PEFT injects into it).
+    exactly what users deploy. ``dtype="auto"`` loads the base in its checkpoint dtype, so the merge happens in the
+    precision users deploy. When ``base`` is a model object it is modified in place (PEFT injects into it).
 
     Used by ``ssah-plugin verify --base BASE --tuned ADAPTER_DIR`` to check an adapter against its base.
     """
@@ -353,7 +354,7 @@ def merge_adapter_state(base: str | os.PathLike | nn.Module, adapter_dir: str | 
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
     _check_configs({"default": cfg})
     wrapped = peft.PeftModel.from_pretrained(model, str(adapter_dir))
