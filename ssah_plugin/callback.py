@@ -73,9 +73,12 @@ class SSAHCallback(TrainerCallback):
             raise RuntimeError("SSAHCallback needs the model in on_train_begin; use it with transformers.Trainer")
         if self.enforcer is not None:  # a second train() call on the same trainer
             self.enforcer.detach()
+        # After resume_from_checkpoint the weights are the checkpoint's (fine-tuned outside the frozen units): the
+        # fingerprint was checked against the base model in on_init_end; here only the structure is checked.
+        resumed = state.global_step > 0
         self.mask, self.enforcer = build_enforcer(
-            self.mask, model, self.policy, optimizer=optimizer, check_fingerprint=self.check_fingerprint,
-            grad_mode=self.grad_mode,
+            self.mask, model, self.policy, optimizer=optimizer,
+            check_fingerprint=self.check_fingerprint and not resumed, grad_mode=self.grad_mode,
         )
         self.enforcer.attach()
         self._move_to_front()

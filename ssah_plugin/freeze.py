@@ -11,11 +11,17 @@ Two mechanisms, both vectorised per parameter (one op per frozen tensor, never a
    values are bitwise those of the snapshot at every step boundary.
 
 Only the frozen slices are snapshotted: the extra memory is the frozen fraction of the affected tensors.
+
+On CPU the masking and restore ops run with one intra-op thread: they move a few kilobytes each, and a parallel
+region costs far more than the work as soon as another process competes for the cores (measured: ``index_copy_``
+of a 576 x 115 slice took 12-30 ms with 2 threads on a loaded 2-core machine, 0.1 ms with 1; see
+``benchmarks/results/overhead.md``). GPU tensors are not affected.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -26,6 +32,30 @@ __all__ = ["FreezeEngine", "GradMode"]
 logger = logging.getLogger(__name__)
 
 GradMode = Literal["tensor", "post_accumulate", "none"]
+
+
+@contextlib.contextmanager
+def _small_op_threads(device: torch.device) -> Iterator[None]:
+    """Run tiny indexing ops on CPU single-threaded (restores the thread count afterwards)."""
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _on(index: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
+    """``index`` on ``device`` (cached: a model moved after attach, e.g. by accelerate, keeps working)."""
+    if index.device == device:
+        return index
+    key = str(device)
+    if key not in cache:
+        cache[key] = index.to(device)
+    return cache[key]
 
 
 class FreezeEngine:
@@ -71,21 +101,36 @@ class FreezeEngine:
         return self
 
     def _register(self, s: FrozenSlice):
-        axis, index = s.axis, s.index
+        axis, index, cache = s.axis, s.index, {}
         if self.grad_mode == "tensor":
-            return s.param.register_hook(lambda g: g.index_fill(axis, index, 0))
+            # Runs inside backward() when this parameter's gradient is computed, before accumulation into .grad.
+            def _mask(g: torch.Tensor) -> torch.Tensor:
+                with _small_op_threads(g.device):
+                    return g.index_fill(axis, _on(index, g.device, cache), 0)
 
+            return s.param.register_hook(_mask)
+
+        # Runs inside backward() right after the gradient was accumulated into .grad (in place, no copy).
         def _zero(p: torch.Tensor) -> None:
             if p.grad is not None:
-                p.grad.index_fill_(axis, index, 0)
+                with _small_op_threads(p.grad.device):
+                    p.grad.index_fill_(axis, _on(index, p.grad.device, cache), 0)
 
         return s.param.register_post_accumulate_grad_hook(_zero)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Write the snapshot back into every frozen slice (call right after ``optimizer.step()``)."""
-        for s, snap in zip(self.slices, self._snapshots):
-            s.param.index_copy_(s.axis, s.index, snap)
+        if not self.slices:
+            return
+        with _small_op_threads(self.slices[0].param.device):
+            for i, (s, snap) in enumerate(zip(self.slices, self._snapshots)):
+                dev = s.param.device
+                if snap.device != dev:  # the model was moved after attach (accelerate.prepare, .to())
+                    snap = self._snapshots[i] = snap.to(dev)
+                if s.index.device != dev:
+                    s.index = s.index.to(dev)
+                s.param.index_copy_(s.axis, s.index, snap)
 
     def detach(self) -> None:
         """Remove the gradient hooks (the snapshot is kept for :meth:`max_drift`)."""

@@ -43,6 +43,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
             raise UnsupportedSetupError(
                 "SSAHOptimizer cannot wrap an optimizer of a DeepSpeed model: ZeRO replaces the optimizer's parameters "
                 "with flat partitions. Call ssah_plugin.deepspeed_enforce(engine, mask) after deepspeed.initialize")
+        self._wrapping = True  # add_param_group calls from torch's __init__ must not reach the inner optimizer
         self.optimizer = optimizer
         self.mask, self.enforcer = build_enforcer(mask, model, policy, optimizer=None,
                                                   check_fingerprint=check_fingerprint, grad_mode=grad_mode)
@@ -53,6 +54,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.defaults = optimizer.defaults
+        self._wrapping = False
         self.enforcer.attach()
 
     def _check_params_covered(self, model: nn.Module) -> None:
@@ -84,10 +86,11 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
 
     def add_param_group(self, param_group) -> None:
-        if hasattr(self, "optimizer"):
-            self.optimizer.add_param_group(param_group)
-        else:  # during torch.optim.Optimizer.__init__
+        if getattr(self, "_wrapping", True):  # during torch.optim.Optimizer.__init__: local bookkeeping only
             super().add_param_group(param_group)
+        else:
+            self.optimizer.add_param_group(param_group)
+            self.param_groups = self.optimizer.param_groups
 
     def max_drift(self) -> float:
         """Largest absolute change of any frozen value since wrapping (0.0 when exact)."""

@@ -55,11 +55,12 @@ class ArchSpec:
     Attributes:
         layers: path from the model root to the ``nn.ModuleList`` of decoder layers. Several candidates may be
             given separated by ``|``; the first that exists is used.
-        mlp: path of the MLP block inside a layer.
+        mlp: path of the MLP block inside a layer (``""`` when the projections sit directly in the layer, as in
+            OPT's ``fc1``/``fc2``).
         mlp_in: input projections of the MLP (``A``), relative to ``mlp``. A fused projection that holds several
             stacked blocks of ``n_units`` rows (Phi-3 ``gate_up_proj``) is written ``"name*2"``.
         mlp_out: output projection of the MLP (``B``); its input channels are the units.
-        attn: path of the attention block inside a layer.
+        attn: path of the attention block inside a layer (``""`` allowed, as for ``mlp``).
         attn_v: the value projection (``"v_proj"``), or the fused projection (``"qkv_proj"`` / ``"c_attn"``) whose
             value block follows the query and key blocks.
         attn_out: output projection of the attention (``o_proj``); its input channels are the units.
@@ -239,6 +240,11 @@ def _layers(root: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
     )
 
 
+def _join(*parts: str) -> str:
+    """Dotted path from parts, skipping empty ones (``ArchSpec(mlp="")`` for projections directly in the layer)."""
+    return ".".join(p for p in parts if p)
+
+
 def _idx(n_units: int, per_unit: torch.Tensor) -> torch.Tensor:
     return per_unit.reshape(n_units, -1).to(torch.int64).contiguous()
 
@@ -293,8 +299,8 @@ def describe_units(model: nn.Module, granularity: Granularity = "channel") -> li
     for li, layer in enumerate(layers):
         prefix = f"{layers_path}.{li}"
         # ---- MLP neurons -------------------------------------------------------------------------------------
-        mlp_path = f"{prefix}.{spec.mlp}"
-        out_path = f"{mlp_path}.{spec.mlp_out}"
+        mlp_path = _join(prefix, spec.mlp)
+        out_path = _join(mlp_path, spec.mlp_out)
         out_mod = _get(root, out_path)
         if out_mod is None:
             raise UnsupportedArchitectureError(f"{model_type}: expected MLP output projection at {out_path!r}")
@@ -305,7 +311,7 @@ def describe_units(model: nn.Module, granularity: Granularity = "channel") -> li
         for name in spec.mlp_in:
             name, _, times = name.partition("*")
             blocks = int(times or 1)
-            path = f"{mlp_path}.{name}"
+            path = _join(mlp_path, name)
             mod = _get(root, path)
             if mod is None:
                 raise UnsupportedArchitectureError(f"{model_type}: expected MLP input projection at {path!r}")
@@ -320,9 +326,9 @@ def describe_units(model: nn.Module, granularity: Granularity = "channel") -> li
         g.slices += _channel_slices(out_path, out_mod, "in", spec.layout, _idx(n, ar), with_bias=False)
         groups.append(g)
         # ---- attention output channels -----------------------------------------------------------------------
-        attn_path = f"{prefix}.{spec.attn}"
-        o_path = f"{attn_path}.{spec.attn_out}"
-        v_path = f"{attn_path}.{spec.attn_v}"
+        attn_path = _join(prefix, spec.attn)
+        o_path = _join(attn_path, spec.attn_out)
+        v_path = _join(attn_path, spec.attn_v)
         o_mod, v_mod = _get(root, o_path), _get(root, v_path)
         if o_mod is None or v_mod is None:
             raise UnsupportedArchitectureError(
