@@ -241,7 +241,8 @@ class Mask:
                 if param is None:
                     problems.append(f"missing parameter {s.name} (mask group {g.name})")
                     continue
-                shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+                qshape = getattr(getattr(param, "quant_state", None), "shape", None)  # bitsandbytes 4-bit: packed
+                shape = tuple(getattr(param, "ds_shape", None) or qshape or param.shape)
                 if shape != tuple(s.shape):
                     problems.append(f"wrong shape for {s.name}: mask has {list(s.shape)}, model has {list(shape)}")
                     continue
@@ -263,6 +264,8 @@ class Mask:
                 param = find_weight(root, module, pname)
                 if param is None:
                     continue
+                if getattr(param, "quant_state", None) is not None:
+                    continue  # packed quantized weights (LoRA on a 4-bit base): samples are not comparable
                 full = get_tensor(name, param) if get_tensor is not None else param
                 if full is None:
                     continue

@@ -279,3 +279,64 @@ def test_merge_adapter_state_refuses_dora_and_non_adapter(tmp_path):
         merge_adapter_state(copy.deepcopy(base), tmp_path / "dora")
     with pytest.raises(UnsupportedSetupError, match="adapter_config.json"):
         merge_adapter_state(base, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- quantized base
+def _delta_is_zero_on_frozen(pm, mask):
+    """Every LoRA layer's B @ A (what merging adds) is exactly zero on frozen units, and not zero elsewhere."""
+    from ssah_plugin.resolve import find_module
+
+    root = pm.base_model.model
+    moved = 0
+    for g, frozen in zip(mask.groups, mask.frozen(None)):
+        for s in g.slices:
+            layer = find_module(root, s.module)
+            if s.param != "weight" or not hasattr(layer, "lora_A"):
+                continue
+            delta = layer.get_delta_weight("default")  # logical [out, in]
+            axis = 0 if s.role == "out" else 1
+            assert not delta.index_select(axis, s.index[frozen].reshape(-1)).any(), s.name
+            moved += bool(delta.index_select(axis, s.index[~frozen].reshape(-1)).any())
+    assert moved > 0
+
+
+def test_packed_quantized_base_validates_and_plans():
+    """Offline stand-in for a 4-bit base: a packed uint8 weight with ``quant_state.shape`` and requires_grad=False.
+
+    The mask validates against the logical shape, the base slice is skipped (not trainable) and the adapter slices
+    are planned as for a float base.
+    """
+    from types import SimpleNamespace
+
+    _, pm, mask = make("llama")
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj
+    w = layer.base_layer.weight
+    packed = torch.nn.Parameter(torch.zeros(w.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=w.shape)
+    layer.base_layer.weight = packed
+    _, eng = build_enforcer(mask, pm)
+    names = {s.name for s in eng.slices}
+    assert "model.layers.0.mlp.down_proj.lora_A.default.weight" in names
+    assert "model.layers.0.mlp.down_proj.weight" not in names  # frozen base: nothing to enforce
+
+
+def test_bitsandbytes_4bit_base(tmp_path):
+    """LoRA on a real NF4 base (bitsandbytes, CPU backend): only the adapter trains; B @ A is zero on frozen units.
+
+    ``merge_and_unload`` into a 4-bit model re-quantizes whole 64-element blocks, so it is not bit-exact on frozen
+    input columns whatever the adapter does; merge into a float copy of the base instead (docs/peft.md).
+    """
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = AutoModelForCausalLM.from_pretrained(
+            tmp_path, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    mask = Mask.from_units(tiny_model("llama"), {g.name: FROZEN for g in describe_units(tiny_model("llama"))})
+    pm = get_peft_model(q, LoraConfig(r=4, target_modules=TARGETS["llama"]))
+    assert type(pm.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    train(pm, mask)
+    _delta_is_zero_on_frozen(pm, mask)
