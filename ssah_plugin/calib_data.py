@@ -255,7 +255,8 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     are exactly the positions that carry the SFT loss on the response (Wei et al. score on response tokens).
     ``tokens="all"`` counts every non-padding position.
 
-    ``max_length`` truncates longer conversations (response end first). Without it, a conversation longer than
+    ``max_length`` truncates longer conversations: the response keeps its start (at least half of ``max_length``
+    tokens, more if the prompt is short) and the prompt keeps its end (the generation prompt). Without it, a conversation longer than
     ``max_positions`` (the model's maximum positions) raises :class:`DataError`.
     """
     from .generation import chat_pair_ids
@@ -267,7 +268,10 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
         p_ids, r_ids = chat_pair_ids(tokenizer, prompt, response)
         ids = p_ids + r_ids
         if max_length is not None and len(ids) > max_length:
-            ids = ids[:max_length]
+            # keep the start of the response and the end of the prompt (as the benign loss does)
+            r_ids = r_ids[:max(max_length // 2, max_length - len(p_ids))]
+            p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)):]
+            ids = p_ids + r_ids
         elif max_positions is not None and len(ids) > max_positions:
             raise DataError(
                 f"{where}: row {i} is {len(ids)} tokens long after the chat template, more than the model's "
@@ -280,8 +284,7 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
             start = max(len(p_ids) - 1, 0)
             count = [start <= t < len(ids) - 1 for t in range(len(ids))]
         if not any(count):
-            raise DataError(f"{where}: row {i} has no response token left to count (empty response, or truncated to "
-                            f"{max_length} tokens before the response starts); raise --max-length")
+            raise DataError(f"{where}: row {i} has no response token to count (empty response); drop the row")
         out.append(EncodedPair(ids, count))
     if not out:
         raise DataError(f"{where}: no calibration examples")

@@ -652,6 +652,44 @@ def restore_units(saved: Sequence[tuple]) -> None:
             param.index_copy_(axis, index, values)
 
 
+def ablated_copy(model: nn.Module, mask: Mask, classes: Sequence[str], *, output_only: bool = False) -> nn.Module:
+    """A deep copy of ``model`` with the units of ``classes`` zeroed (the original is untouched)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    zero_units(clone, mask, list(classes), output_only=output_only)
+    return clone
+
+
+def ablation_study(model, tokenizer, mask: Mask, classes: Sequence[str], harmful: Sequence[Any],
+                   benign: Sequence[Pair], *, max_new_tokens: int = 64, batch_size: int = 8,
+                   output_only: bool = False, system: str | None = None, progress: bool = True) -> list[dict]:
+    """The paper's Table 1 on ``model``: refusal / attack success rate on ``harmful`` prompts and benign loss on
+    ``benign`` pairs for the dense model and with each class in ``classes`` removed (one at a time).
+
+    Units are zeroed in place and restored bit-exactly after each row, so only one copy of the model is needed.
+    """
+    from .evaluate import attack_success_rate, benign_loss
+
+    def row(name: str, units: int) -> dict:
+        asr = attack_success_rate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  system=system, progress=progress)
+        loss = benign_loss(model, tokenizer, benign, batch_size=batch_size, system=system, progress=progress)
+        return {"model": name, "units_removed": units, "fraction_removed": units / max(mask.n_units, 1),
+                "asr": asr["asr"], "refusal_rate": asr["refusal_rate"], "n_harmful": asr["n"],
+                "benign_loss": loss["loss"], "benign_perplexity": loss["perplexity"], "n_benign": loss["n"]}
+
+    rows = [row("dense", 0)]
+    for cls in classes:
+        sel = _class_selection(mask, [cls])
+        saved = zero_units(model, mask, sel, output_only=output_only, keep=True)
+        try:
+            rows.append(row(f"-{cls}", int(sum(int(s.sum()) for s in sel))))
+        finally:
+            restore_units(saved)
+    return rows
+
+
 # ================================================================================================ auto mode
 def measure(model, tokenizer, held: dict, cfg: LocateConfig) -> dict:
     """Refusal rate (greedy replies, keyword judge of Wei et al.) on held-apart harmful prompts and mean benign
@@ -742,4 +780,4 @@ def auto_sizes(model, tokenizer, mask: Mask, held: dict, cfg: LocateConfig) -> M
     return mask
 
 
-__all__ += ["measure", "choose_sizes", "auto_sizes", "reclassify", "restore_units", "own_refusals", "resolve_device", "collect_stats", "batches"]
+__all__ += ["ablated_copy", "ablation_study", "measure", "choose_sizes", "auto_sizes", "reclassify", "restore_units", "own_refusals", "resolve_device", "collect_stats", "batches"]

@@ -1,0 +1,167 @@
+"""locate: calibration statistics and scores equal a direct computation; CLI end to end on tiny:llama."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ssah_plugin.calib_data import encode_pairs, load_pairs
+from ssah_plugin.locate import (ChannelStats, LocateConfig, channel_scores, collect_stats, locate, pad_id_of,
+                                unit_scores)
+from ssah_plugin.mask import Mask
+from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.units import describe_units
+
+SAFETY = "shipped:safety_refusals.jsonl"
+UTILITY = "shipped:benign_instructions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama").eval()
+
+
+def _direct_stats(model, groups, encoded):
+    """All activations of every score module, one sequence at a time (no padding), then torch.var in float64."""
+    acts = {g.score_module: [] for g in groups}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, a, name=name: acts[name].append(a[0][0].detach().double())) for name in acts]
+    sel = []
+    with torch.no_grad():
+        for e in encoded:
+            model(input_ids=torch.tensor([e.input_ids]))
+            sel.append(torch.tensor(e.count))
+    for h in hooks:
+        h.remove()
+    mask = torch.cat(sel)
+    return {name: torch.cat(xs)[mask].var(0, unbiased=False) for name, xs in acts.items()}
+
+
+def test_channel_stats_match_float64_variance_with_large_offset():
+    torch.manual_seed(0)
+    x = 1e4 + torch.randn(1000, 7, dtype=torch.float64) * torch.arange(1, 8)
+    st = ChannelStats(7)
+    for chunk in torch.split(x, [1, 13, 400, 0, 586]):
+        st.update(chunk.float() if chunk.numel() % 2 else chunk)  # mixed dtypes are promoted to float64
+    ref = torch.cat([c.float().double() if c.numel() % 2 else c for c in torch.split(x, [1, 13, 400, 0, 586])])
+    assert st.n == 1000
+    torch.testing.assert_close(st.variance(), ref.var(0, unbiased=False), rtol=1e-10, atol=0)
+    assert st.mean.numel() == 7 and st.m2.numel() == 7  # state does not grow with tokens
+
+
+@pytest.mark.parametrize("tokens", ["response", "all"])
+def test_statistics_equal_direct_computation(llama, tok, tokens):
+    pairs = load_pairs(SAFETY, max_samples=6, seed=1)
+    enc = encode_pairs(tok, pairs, tokens=tokens, max_length=96)
+    groups = describe_units(llama)
+    col = collect_stats(llama, groups, enc, batch_size=4, pad_id=pad_id_of(tok), progress=False)
+    direct = _direct_stats(llama, groups, enc)
+    for name, var in direct.items():
+        torch.testing.assert_close(col.variance(name), var, rtol=1e-9, atol=1e-12)
+        assert col.stats[name].n == sum(sum(e.count) for e in enc)  # padding never counted
+
+
+def test_response_positions_are_the_ones_predicting_response_tokens(tok):
+    from ssah_plugin.generation import chat_pair_ids
+
+    pair = ("How do I bake bread?", "Mix flour and water.")
+    p_ids, r_ids = chat_pair_ids(tok, *pair)
+    (e,) = encode_pairs(tok, [pair], tokens="response")
+    assert e.input_ids == p_ids + r_ids
+    counted = [i for i, c in enumerate(e.count) if c]
+    assert counted == list(range(len(p_ids) - 1, len(p_ids) + len(r_ids) - 1))
+    (a,) = encode_pairs(tok, [pair], tokens="all")
+    assert all(a.count)
+
+
+def test_batching_does_not_change_statistics(llama, tok):
+    enc = encode_pairs(tok, load_pairs(UTILITY, max_samples=5), max_length=64)
+    groups = describe_units(llama)
+    one = collect_stats(llama, groups, enc, batch_size=1, pad_id=0, progress=False)
+    many = collect_stats(llama, groups, enc, batch_size=5, pad_id=0, progress=False)
+    for name in one.modules:
+        torch.testing.assert_close(one.variance(name), many.variance(name), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scores_are_variance_times_column_norm(tok, family):
+    model = tiny_model(family).eval()
+    cfg = LocateConfig(max_samples=4, max_length=64, progress=False)
+    mask = locate(model, tok, safety=SAFETY, utility=UTILITY, config=cfg)
+    groups = describe_units(model)
+    enc = encode_pairs(tok, load_pairs(SAFETY, max_samples=4), max_length=64)
+    direct = _direct_stats(model, groups, enc)
+    for gi, g in enumerate(groups):
+        w = model.get_submodule(g.score_module).weight.detach().double()
+        norm2 = (w ** 2).sum(0) if family != "gpt2" else (w ** 2).sum(1)  # Conv1D: [in, out], row j
+        torch.testing.assert_close(mask.scores["safety"][gi], direct[g.score_module] * norm2, rtol=1e-9, atol=1e-15)
+        z = mask.scores["safety_z"][gi]
+        assert abs(float(z.mean())) < 1e-9 and abs(float(z.std(unbiased=False)) - 1) < 1e-9  # z-score per group
+
+
+def test_head_score_is_sum_of_channel_scores(llama, tok):
+    cfg = dict(max_samples=4, max_length=64, progress=False)
+    ch = locate(llama, tok, config=LocateConfig(**cfg))
+    hd = locate(llama, tok, config=LocateConfig(granularity="head", **cfg))
+    for gc, gh, sc, sh in zip(ch.groups, hd.groups, ch.scores["utility"], hd.scores["utility"]):
+        if gc.kind == "attn":
+            assert gh.n_units == 4
+            torch.testing.assert_close(sh, sc.reshape(4, -1).sum(1), rtol=1e-12, atol=0)
+        else:
+            assert torch.equal(sc, sh)
+
+
+def test_locate_result_fields(llama, tok):
+    mask = locate(llama, tok, config=LocateConfig(max_samples=4, max_length=64, progress=False))
+    assert set(mask.scores) == {"safety", "utility", "safety_z", "utility_z"}
+    assert mask.default_policy == "scu+cu6"
+    assert mask.method["config"]["max_samples"] == 4 and mask.method["mode"] == "whole-model"
+    assert mask.method["data"]["n_safety"] == 4
+    n = mask.n_units
+    counts = mask.summary()["classes"]
+    assert counts == {"SCU": round(0.013 * n), "UCU": round(0.133 * n), "RU": round(0.148 * n),
+                      "CU": n - round(0.013 * n) - round(0.133 * n) - round(0.148 * n)}
+    mask.validate(llama)
+
+
+def test_unit_scores_sum_over_slice_index(llama):
+    g = describe_units(llama, "head")[1]
+    per_channel = torch.arange(64, dtype=torch.float64)
+    assert unit_scores(g, per_channel).tolist() == [sum(range(i * 16, i * 16 + 16)) for i in range(4)]
+    w = torch.ones(3, 64)
+    assert torch.equal(channel_scores(torch.full((64,), 2.0), w, "linear"), torch.full((64,), 6.0,
+                                                                                          dtype=torch.float64))
+
+
+def test_cli_locate_end_to_end(tmp_path, capsys):
+    from ssah_plugin.cli import main
+
+    out = tmp_path / "tiny.mask.safetensors"
+    rc = main(["locate", "--model", "tiny:llama", "--max-samples", "4", "--max-length", "96", "--no-progress",
+               "-o", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"]["SCU"] == 5 and summary["mode"] == "whole-model"
+    mask = Mask.load(out)
+    mask.validate(tiny_model("llama"))
+    assert mask.method["config"]["max_length"] == 96
+
+
+def test_cli_locate_reports_data_errors(tmp_path, capsys):
+    from ssah_plugin.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc = main(["locate", "--model", "tiny:llama", "--safety", str(empty), "-o", str(tmp_path / "m.safetensors")])
+    assert rc == 2
+    assert "empty" in capsys.readouterr().err
+    rc = main(["locate", "--model", "tiny:llama", "--max-samples", "16", "--no-progress", "-o",
+               str(tmp_path / "m.safetensors")])  # shipped rows exceed the tiny model's 256 positions
+    assert rc == 2
+    assert "--max-length" in capsys.readouterr().err
