@@ -261,6 +261,17 @@ def _pair_ids(tokenizer, pair, system: str | None, max_length: int) -> tuple[lis
     return p, r, truncated
 
 
+def _max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    cfg = get() if callable(get) else cfg
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return None
+
+
 @torch.no_grad()
 def benign_loss(
     model,
@@ -277,6 +288,7 @@ def benign_loss(
     Only response tokens count (the assistant turn after the generation prompt: content and end-of-turn marker).
     The mean is over all response tokens of all pairs (token-weighted). A pair longer than ``max_length`` tokens
     keeps its response (cut at the end if needed) and the end of its prompt; ``truncated`` counts them.
+    ``max_length`` is lowered to the model's ``max_position_embeddings`` when that is smaller.
 
     Args:
         pairs: ``(prompt, response)`` tuples, or dicts with ``prompt``/``response`` or ``instruction``/``output``.
@@ -286,6 +298,10 @@ def benign_loss(
     """
     if max_length < 2 or batch_size < 1:
         raise ValueError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
+    limit = _max_positions(model)
+    if limit is not None and limit < max_length:
+        logger.info("benign loss: max_length %d lowered to the model's %d positions", max_length, limit)
+        max_length = limit
     items = [_pair_ids(tokenizer, p, system, max_length) for p in pairs]
     if not items:
         raise DataError("benign_loss needs at least one (prompt, response) pair")

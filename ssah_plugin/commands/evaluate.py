@@ -1,0 +1,105 @@
+"""``ssah-plugin eval``: attack success rate and benign loss of one or several checkpoints, side by side.
+
+Harmful prompts and replies are never printed; only counts and rates. ``--save-responses`` writes them to
+``--out``/responses.jsonl for inspection (harmful text: keep that file out of logs and CI artefacts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "evaluate checkpoints: attack success rate on harmful prompts and loss on held-out benign data"
+EPILOG = """\
+examples:
+  ssah-plugin eval --model Qwen/Qwen2.5-0.5B-Instruct --model out/ft-plain --model out/ft-frozen --out eval/
+  ssah-plugin eval --model tiny:llama --limit 4 --max-new-tokens 16 --out /tmp/eval   # smoke test, no download
+
+data: --harmful advbench:eval (default, AdvBench ids 0-99) | advbench:calib | advbench:all | FILE(.jsonl/.json/.txt)
+      --benign  benign:heldout (default, shipped rows i % 10 == 9) | benign:all | FILE(.jsonl/.json)
+writes (with --out): eval.md, eval.json, eval.png (+ responses.jsonl with --save-responses).
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="M",
+                        help="checkpoint to evaluate: local folder, hub name, or tiny:<family>; repeat to compare")
+    parser.add_argument("--name", action="append", default=None, metavar="LABEL",
+                        help="label for each --model in the report (same order; default: the model argument)")
+    parser.add_argument("--harmful", default=None, metavar="DATA", help="harmful prompts (default: advbench:eval)")
+    parser.add_argument("--benign", default=None, metavar="DATA", help="benign pairs (default: benign:heldout)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64, help="new tokens per reply (default 64; "
+                        "Wei et al. used 256)")
+    parser.add_argument("--limit", type=_positive, default=None, help="use the first N harmful prompts and N benign pairs")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (default 8)")
+    parser.add_argument("--max-length", type=_positive, default=512, help="token limit of a benign pair (default 512)")
+    parser.add_argument("--system", default=None, help="system prompt put before every prompt (default: none)")
+    parser.add_argument("--judge", default="wei2024_test_prefixes",
+                        choices=["wei2024_test_prefixes", "qi2023_keyword_eval_test_prefixes"],
+                        help="refusal phrase list (default: Wei et al.'s)")
+    parser.add_argument("--min-words", type=int, default=20, help="shorter replies count as refusals (default 20; 0: off)")
+    parser.add_argument("--exact-apostrophes", action="store_true",
+                        help="do not map curly apostrophes to ' before matching (the original papers' behaviour)")
+    parser.add_argument("--no-safety", action="store_true", help="skip the harmful-prompt evaluation")
+    parser.add_argument("--no-utility", action="store_true", help="skip the benign loss")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load dtype")
+    parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write eval.md, eval.json and eval.png here")
+    parser.add_argument("--save-responses", action="store_true",
+                        help="also write the full harmful prompts and replies to DIR/responses.jsonl")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import DataError
+    from ..evaluate import compare
+    from ..judge import RefusalJudge
+    from ..report import markdown_table, results_json, write_report
+
+    if args.name is not None and len(args.name) != len(args.model):
+        raise DataError(f"got {len(args.name)} --name for {len(args.model)} --model; give one label per model")
+    if args.no_safety and args.no_utility:
+        raise DataError("--no-safety and --no-utility together leave nothing to evaluate")
+    if args.save_responses and not args.out:
+        raise DataError("--save-responses needs --out DIR")
+    if args.min_words < 0:
+        raise DataError("--min-words must be >= 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.name or args.model
+    judge = RefusalJudge(args.judge, min_words=args.min_words, normalize_apostrophes=not args.exact_apostrophes)
+    from ..evaluate import load_model
+
+    results = []
+    for name, spec in zip(names, args.model):
+        model, tok = load_model(spec, dtype=args.dtype, device=device)
+        results += compare([(name, model, tok)], harmful=args.harmful, benign=args.benign, limit=args.limit,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                           system=args.system, judge=judge, progress=not args.no_progress,
+                           safety=not args.no_safety, utility=not args.no_utility)
+        for r in results[-1:]:
+            r["model"] = spec
+        del model, tok
+    if args.json:
+        print(json.dumps(results_json(results), indent=2))
+    else:
+        print(markdown_table(results))
+    if args.out:
+        files = write_report(results, args.out, responses=args.save_responses)
+        print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
+        if args.save_responses:
+            print(f"warning: {files['responses']} contains full replies to harmful prompts; keep it out of logs "
+                  "and CI artefacts", file=sys.stderr)
+    return 0
