@@ -52,13 +52,14 @@ def _sft_data():
                       {"role": "assistant", "content": f"the answer number {i} is fine"}]} for i in range(8)])
 
 
-def _sft(model, mask, peft_config, out_dir):
+def _sft(model, mask, peft_config, out_dir, **overrides):
     from trl import SFTConfig, SFTTrainer
 
     cb = SSAHCallback(mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(out_dir), **COMMON), train_dataset=_sft_data(),
+        args = SFTConfig(output_dir=str(out_dir), **{**COMMON, **overrides})
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_data(),
                              processing_class=tiny_tokenizer(), peft_config=peft_config, callbacks=[cb])
     return trainer, cb
 
@@ -76,7 +77,8 @@ def _check(trainer, cb, base, mask):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_sft_trainer_with_peft_config(family, tmp_path):
     model, base, mask = _setup(family)
-    trainer, cb = _sft(model, mask, _lora(family), tmp_path)
+    # llama: TRL's default gradient checkpointing (on), as most users run it
+    trainer, cb = _sft(model, mask, _lora(family), tmp_path, gradient_checkpointing=family == "llama")
     trainer.train()
     _check(trainer, cb, base, mask)
 
