@@ -1,0 +1,112 @@
+"""Calibration data: file formats, field detection and overrides, clear errors, own refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssah_plugin.calib_data import encode_pairs, load_pairs, load_rows, pairs_from_rows, prompts_from_rows
+from ssah_plugin.errors import DataError
+from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_shipped_files_autodetect_fields():
+    s = load_pairs("shipped:safety_refusals.jsonl", max_samples=3)
+    u = load_pairs("shipped:benign_instructions.jsonl", max_samples=200, seed=3)
+    assert len(s) == 3 and all(isinstance(p, str) and isinstance(r, str) for p, r in s)
+    rows = load_rows("shipped:benign_instructions.jsonl")
+    with_input = next(r for r in rows if r["input"])
+    (pair,) = pairs_from_rows([with_input])
+    assert pair == (with_input["instruction"] + "\n\n" + with_input["input"], with_input["output"])
+    assert len(u) == 200
+    assert load_pairs("shipped:safety_refusals.jsonl", max_samples=3) == s  # seeded sampling is deterministic
+
+
+def test_csv_parquet_json_and_overrides(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    rows = [{"q": "What is 2+2?", "a": "4"}, {"q": "Name a colour.", "a": "Blue"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    for name in ("d.csv", "d.parquet", "d.json"):
+        assert load_pairs(tmp_path / name, prompt_field="q", response_field="a") == [("What is 2+2?", "4"),
+                                                                                    ("Name a colour.", "Blue")]
+    msgs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    assert pairs_from_rows(msgs) == [([{"role": "user", "content": "hi"}], "hello")]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"),
+    ('{"prompt": "x"}\n', "no response field"),
+    ('{"text": "x", "response": "y"}\n', "no prompt field"),
+    ('{"prompt": "x", "response": "y"}\nnot json\n', "line 2 is not valid JSON"),
+    ('[1, 2]\n', "not an object"),
+])
+def test_bad_files_give_clear_errors(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_pairs(path)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "x.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_rows(tmp_path / "x.xlsx")
+
+
+def test_advbench_rows_are_prompts_only():
+    rows = load_rows("shipped:advbench.jsonl")[:3]
+    with pytest.raises(DataError, match="own-refusals"):
+        pairs_from_rows(rows)
+    assert prompts_from_rows(rows) == [r["prompt"] for r in rows]
+
+
+def test_errors_never_contain_harmful_text(tmp_path):
+    secret = "HARMFUL-PROMPT-TEXT-" * 3
+    path = _jsonl(tmp_path / "s.jsonl", [{"prompt": secret}])
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert "HARMFUL" not in str(e.value)
+
+
+def test_too_long_sequence_is_a_data_error_unless_truncated():
+    tok = tiny_tokenizer()
+    pair = ("word " * 300, "answer " * 10)
+    with pytest.raises(DataError, match="more than the model's 256 positions"):
+        encode_pairs(tok, [pair], max_positions=256)
+    (e,) = encode_pairs(tok, [pair], max_positions=256, max_length=64)
+    assert len(e.input_ids) == 64
+    assert sum(e.count) >= 10  # the response survives truncation (the prompt loses its start)
+
+
+def test_own_refusals(monkeypatch):
+    import ssah_plugin.generation as gen
+    from ssah_plugin.locate import LocateConfig, locate
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    replies = iter(["I'm sorry, but I cannot help with that.", "Sure, here is how to do it step by step.",
+                    "I cannot assist with that request."])
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen["prompts"] = list(prompts)
+        return [next(replies) for _ in prompts]
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    cfg = LocateConfig(own_refusals=True, max_samples=3, max_length=96, progress=False)
+    mask = locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
+    assert mask.method["data"]["n_safety"] == 2  # the compliant reply was dropped
+    assert len(seen["prompts"]) == 3
+
+    monkeypatch.setattr(gen, "generate", lambda m, t, prompts, **kw: ["Sure, here it is."] * len(prompts))
+    with pytest.raises(DataError, match="none of the model's 3 replies"):
+        locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
