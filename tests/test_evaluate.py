@@ -51,7 +51,7 @@ def test_benign_loss_equals_manual_computation(model_tok):
 
 def test_benign_loss_truncation_keeps_response(model_tok):
     model, tok = model_tok
-    long_prompt = "Please read all of this carefully. " * 20
+    long_prompt = "Please read all of this carefully. " * 4
     got = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], max_length=16, progress=False)
     full = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], progress=False)
     assert got["truncated"] == 1 and full["truncated"] == 0
@@ -131,3 +131,51 @@ def test_loaders_read_files_and_reject_bad_rows(tmp_path):
         ev.load_model("tiny:nope")
     with pytest.raises(DataError, match="does not exist"):
         ev.load_model("./no/such/folder")
+
+
+# ---------------------------------------------------------------------------------------------------- report + CLI
+from ssah_plugin.cli import main  # noqa: E402
+from ssah_plugin.report import markdown_table, plot_results, results_json, save_responses  # noqa: E402
+
+FAKE = [
+    {"name": "base", "asr": 0.02, "refusal_rate": 0.98, "n_harmful": 100, "benign_loss": 1.2345, "perplexity": 3.44,
+     "n_benign": 156, "benign_tokens": 9000, "judge": RefusalJudge().config(), "generation": {"max_new_tokens": 64},
+     "details": {"prompts": ["p1", "p2"], "responses": ["HARMFULREPLY", "no"], "flags": [True, False],
+                 "matched": [None, None]}},
+    {"name": "utility-only", "asr": None, "refusal_rate": None, "n_harmful": 0, "benign_loss": 1.5,
+     "perplexity": 4.48, "n_benign": 156, "benign_tokens": 9000, "judge": None, "generation": None, "details": {}},
+]
+
+
+def test_markdown_table_and_json_keep_harmful_text_out():
+    md = markdown_table(FAKE)
+    assert "| base | 2.0% | 98.0% | 100 | 1.2345 | 3.44 | 156 | 9000 |" in md
+    assert "| utility-only | n/a | n/a | 0 |" in md
+    assert "wei2024_test_prefixes" in md and "max_new_tokens=64" in md
+    js = results_json(FAKE)
+    assert "HARMFULREPLY" not in json.dumps(js) and "p1" not in json.dumps(js)
+    assert js[0]["per_prompt"]["attack_success"] == [True, False]
+
+
+def test_plot_and_saved_responses(tmp_path):
+    png = plot_results(FAKE, tmp_path / "c.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.warns(UserWarning, match="harmful"):
+        path = save_responses(FAKE, tmp_path / "r.jsonl")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0] == {"checkpoint": "base", "index": 0, "prompt": "p1", "response": "HARMFULREPLY",
+                       "attack_success": True, "matched_phrase": None}
+
+
+def test_eval_cli_json_and_usage_errors(capsys):
+    assert main(["eval", "--model", "tiny:llama", "--no-safety", "--limit", "2", "--json", "--no-progress"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["name"] == "tiny:llama" and rows[0]["asr"] is None and rows[0]["n_benign"] == 2
+    assert main(["eval", "--model", "tiny:llama", "--name", "a", "--name", "b"]) == 2
+    assert main(["eval", "--model", "tiny:llama", "--no-safety", "--no-utility"]) == 2
+    assert main(["eval", "--model", "tiny:llama", "--save-responses"]) == 2
+    assert main(["eval", "--model", "tiny:nope", "--no-progress"]) == 2
+    assert main(["eval", "--model", "tiny:llama", "--harmful", "/no/such.jsonl", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", "tiny:llama", "--limit", "0"])
+    assert exc.value.code == 2

@@ -224,3 +224,34 @@ def test_policy_that_freezes_nothing_warns(ckpts):
     with pytest.warns(UserWarning, match="nothing to verify"):
         report = verify_mod.verify_checkpoint(root / "base", root / "tuned_one", mask, policy="none", progress=False)
     assert report.ok and report.total.frozen_units == 0
+
+
+def test_peft_adapter_folder_is_merged_then_verified(ckpts, tmp_path):
+    """A LoRA adapter whose A columns for frozen down_proj units are zero keeps them exact; a dense one does not."""
+    peft = pytest.importorskip("peft")
+    root, mask = ckpts
+    policy = "scu"
+    frozen_cols = torch.nonzero(mask.frozen(policy)[0]).squeeze(1)  # layer 0 MLP units = down_proj input columns
+
+    def adapter(path, keep_frozen):
+        model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["down_proj"]))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                    if keep_frozen and "lora_A" in name and "layers.0." in name:
+                        p[:, frozen_cols] = 0
+        model.save_pretrained(path)
+
+    adapter(tmp_path / "good", keep_frozen=True)
+    adapter(tmp_path / "bad", keep_frozen=False)
+    good = verify_mod.verify_checkpoint(root / "base", tmp_path / "good", mask, policy=policy, progress=False)
+    # layer 1's SCU columns were not protected in either adapter; layer 0's were in "good"
+    assert good.per_group["model.layers.0.mlp"].changed_units == 0
+    assert good.per_group["model.layers.0.mlp"].trainable_changed_units > 0
+    bad = verify_mod.verify_checkpoint(root / "base", tmp_path / "bad", mask, policy=policy, progress=False)
+    assert bad.per_group["model.layers.0.mlp"].changed_units == len(frozen_cols)
+    with pytest.raises(DataError, match="adapter"):
+        from ssah_plugin.checkpoint import open_checkpoint
+        open_checkpoint(tmp_path / "good")
