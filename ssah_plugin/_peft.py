@@ -154,8 +154,8 @@ def _check_layer(module: nn.Module, name: str) -> None:
             "magnitude vector, embedding LoRA, ...): only plain LoRA is supported. " + _fix_hint())
     if getattr(module, "merged_adapters", None):
         raise UnsupportedSetupError(
-            f"{name} has merged adapters {list(module.merged_adapters)}: the base weight no longer holds the values the "
-            "mask protects. Fix: call model.unmerge_adapter() (or reload the base) before training.")
+            f"{name} has merged adapters {list(module.merged_adapters)}: the base weight no longer holds the values "
+            "the mask protects. Fix: call model.unmerge_adapter() (or reload the base) before training.")
 
 
 def _shape(p: torch.Tensor) -> tuple[int, ...]:

@@ -18,7 +18,6 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from ssah_plugin._peft import adapter_slices, compare_frozen_units, merge_adapter_state, saved_copies  # noqa: E402
 from ssah_plugin.enforce import build_enforcer  # noqa: E402
 from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
-from ssah_plugin.freeze import FreezeEngine  # noqa: E402
 from ssah_plugin.mask import Mask  # noqa: E402
 from ssah_plugin.resolve import plan_frozen_slices  # noqa: E402
 from ssah_plugin.tiny import tiny_model  # noqa: E402
