@@ -163,7 +163,7 @@ def test_inactive_adapter_that_changes_frozen_units_warns():
 
 
 @pytest.mark.parametrize("saved", ["down_proj", "mlp"])
-def test_modules_to_save_copies_are_frozen_like_full_finetuning(saved):
+def test_modules_to_save_copies_are_frozen_like_full_finetuning(saved, tmp_path):
     targets = ["v_proj", "o_proj"] if saved == "mlp" else ["gate_proj", "up_proj", "v_proj", "o_proj"]
     base, pm, mask = make("llama", target_modules=targets, modules_to_save=[saved])
     root = pm.base_model.model
@@ -175,8 +175,11 @@ def test_modules_to_save_copies_are_frozen_like_full_finetuning(saved):
     copy_slice = by_name[f"model.layers.0.{infix}.weight"]
     assert copy_slice.fill is None and copy_slice.param.requires_grad and copy_slice.axis == 1
     train(pm, mask)
+    pm.save_pretrained(tmp_path / "adapter")  # the saved adapter holds the copies; merged from disk: still exact
+    from_disk = merge_adapter_state(copy.deepcopy(base), tmp_path / "adapter")
     rep = assert_exact(mask, base, pm.merge_and_unload())
     assert rep["changed_unfrozen"] >= 4
+    assert compare_frozen_units(mask, base, from_disk) == rep
 
 
 def test_bias_all_and_lora_bias_keep_frozen_bias_entries():
