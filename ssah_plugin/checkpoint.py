@@ -113,11 +113,14 @@ class SafetensorsCheckpoint:
         else:
             raise DataError(f"checkpoint {str(self.path)!r} does not exist")
         self._files = files
-        self._handles: dict = {}
         self._keys: dict[str, object] = {}  # tensor name -> file key
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor name -> (shape, safetensors dtype code)
         for fkey in files:
-            for k in self._open(fkey).keys():
-                self._keys[k] = fkey
+            with self._open(fkey) as f:
+                for k in f.keys():
+                    self._keys[k] = fkey
+                    sl = f.get_slice(k)
+                    self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
         if self._weight_map is not None:
             absent = [k for k in self._weight_map if k not in self._keys]
             if absent:
@@ -125,17 +128,16 @@ class SafetensorsCheckpoint:
                                 f"(first: {absent[0]}); the checkpoint is damaged")
 
     def _open(self, fkey):
-        handle = self._handles.get(fkey)
-        if handle is None:
-            from safetensors import safe_open
+        """A fresh ``safe_open`` handle. Handles are not cached: the file is memory-mapped, and pages read through
+        a handle stay resident (and count in the process's RSS) until it is closed, so each read opens and closes
+        its own (the header parse costs well under a millisecond)."""
+        from safetensors import safe_open
 
-            path = self._files[fkey]
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises several types for bad headers
-                raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-            self._handles[fkey] = handle
-        return handle
+        path = self._files[fkey]
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises several types for bad headers
+            raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
     # ------------------------------------------------------------------ interface
     def keys(self) -> list[str]:
@@ -146,24 +148,24 @@ class SafetensorsCheckpoint:
         return _resolve(name, set(self._keys))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        key = self._need(name)
-        return tuple(self._open(self._keys[key]).get_slice(key).get_shape())
+        return self._meta[self._need(name)][0]
 
     def dtype(self, name: str) -> torch.dtype | str:
         """The stored dtype as a torch dtype (the safetensors code, e.g. ``"F8_E4M3"``, if torch has no match)."""
-        key = self._need(name)
-        code = self._open(self._keys[key]).get_slice(key).get_dtype()
+        code = self._meta[self._need(name)][1]
         return _ST_DTYPES.get(code, code)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (only this tensor's bytes are touched)."""
         key = self._need(name)
-        return self._open(self._keys[key]).get_tensor(key)
+        with self._open(self._keys[key]) as f:
+            return f.get_tensor(key)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Read rows ``start:stop`` (first axis) of one tensor, touching only their bytes."""
         key = self._need(name)
-        return self._open(self._keys[key]).get_slice(key)[start:stop]
+        with self._open(self._keys[key]) as f:
+            return f.get_slice(key)[start:stop]
 
     def model_type(self) -> str | None:
         cfg = self.config()
@@ -187,7 +189,7 @@ class SafetensorsCheckpoint:
         return key
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for symmetry with context-manager use."""
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self

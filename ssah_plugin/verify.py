@@ -188,14 +188,17 @@ def _channel_drift(base: TensorSource, tuned: TensorSource, name: str, axis: int
         t = tuned.get_rows(name, start, stop)
         b = base.get_rows(name, start, stop).to(t.dtype)  # the decision: compare in the tuned dtype
         t, b = t.to(cmp), b.to(cmp)
-        same = (t == b) | (torch.isnan(t) & torch.isnan(b))
-        diff = torch.where(same, torch.zeros((), dtype=cmp), (t - b).abs())
-        diff = torch.nan_to_num(diff, nan=math.inf).to(torch.float64)
+        diff = (t - b).abs_()  # 0.0 vs -0.0 gives 0
+        if torch.isnan(diff).any():  # rare: NaN in both places is no drift, NaN in one place is infinite drift
+            same = (t == b) | (torch.isnan(t) & torch.isnan(b))
+            diff = torch.where(same, torch.zeros((), dtype=cmp), diff).nan_to_num_(nan=math.inf)
         if axis == 0:
-            out[start:stop] = diff.reshape(stop - start, -1).amax(dim=1) if diff.dim() > 1 else diff
+            red = diff.reshape(stop - start, -1).amax(dim=1) if diff.dim() > 1 else diff
+            out[start:stop] = red.to(torch.float64)
         else:
-            moved = diff.movedim(axis, 0).reshape(shape[axis], -1)
-            out = torch.maximum(out, moved.amax(dim=1))
+            red = diff.movedim(axis, 0).reshape(shape[axis], -1).amax(dim=1)
+            out = torch.maximum(out, red.to(torch.float64))
+        del t, b, diff
     return out
 
 
