@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "SSAHCallback",
     "SSAHOptimizer",
+    "deepspeed_enforce",
     "Mask",
     "ArchSpec",
     "register_architecture",
@@ -51,4 +52,8 @@ def __getattr__(name: str):
         from .callback import SSAHCallback
 
         return SSAHCallback
+    if name == "deepspeed_enforce":  # raw deepspeed.initialize users; DeepSpeed itself is imported lazily
+        from ._deepspeed import deepspeed_enforce
+
+        return deepspeed_enforce
     raise AttributeError(f"module 'ssah_plugin' has no attribute {name!r}")
