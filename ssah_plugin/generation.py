@@ -126,8 +126,11 @@ def generate(
         system: optional system message, put before each prompt that has none.
         progress: show a progress bar over batches.
 
-    The model is put in eval mode for the call (its training flag is restored); the tokenizer's ``padding_side``
-    is restored afterwards. Without a pad token, the first eos id pads (masked out by the attention mask).
+    Decoding is pure greedy (argmax at every step): settings in the model's ``generation_config`` such as
+    Qwen's ``repetition_penalty=1.05`` are ignored for the call; only its eos ids are kept. The model is put in eval
+    mode for the call (its training flag is restored); its ``generation_config`` and the tokenizer's
+    ``padding_side`` are restored afterwards. Without a pad token, the first eos id pads (masked out by the
+    attention mask).
 
     Example:
         >>> replies = generate(model, tokenizer, ["How do I bake bread?"], max_new_tokens=32)  # doctest: +SKIP
@@ -169,9 +172,17 @@ def generate_ids(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False)
+    from transformers import GenerationConfig
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: generate reads the base's
+    saved_config = getattr(owner, "generation_config", None)
     try:
         model.eval()
         tokenizer.padding_side = "left"  # the layout built below; restored in `finally`
+        # Pure greedy: a fresh generation config, so that settings shipped with the model (repetition_penalty,
+        # no_repeat_ngram_size, min_new_tokens, suppress_tokens, ...) cannot change the argmax choice.
+        owner.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad_id,
+                                                   bos_token_id=getattr(saved_config, "bos_token_id", None))
         for batch in batches:
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -192,6 +203,8 @@ def generate_ids(
             if bar is not None:
                 bar.update(len(batch))
     finally:
+        if saved_config is not None:
+            owner.generation_config = saved_config
         tokenizer.padding_side = old_side
         model.train(was_training)
         if bar is not None:

@@ -100,3 +100,21 @@ def test_bad_inputs(model_tok):
         generate(model, tok, ["hi"], max_new_tokens=0)
     with pytest.raises(DataError):
         generate(model, tok, [42], progress=False)
+
+
+def test_pure_greedy_ignores_generation_config_penalties(model_tok):
+    model, tok = model_tok
+    eos = eos_token_ids(model, tok)
+    manual = [manual_greedy(model, tok, p, N_NEW, eos) for p in PROMPTS[:2]]
+    cfg = model.generation_config
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.suppress_tokens = 3.0, 1, [manual[0][0]]
+    try:
+        got = generate_ids(model, tok, PROMPTS[:2], max_new_tokens=N_NEW, batch_size=2, progress=False)
+        assert model.generation_config is cfg  # restored
+        biased = model.generate(**tok([chat_prompt(tok, PROMPTS[0])], return_tensors="pt", add_special_tokens=False),
+                                max_new_tokens=N_NEW, do_sample=False)
+    finally:
+        cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.suppress_tokens = 1.0, 0, None
+    assert got == manual
+    n_prompt = len(tok(chat_prompt(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"])
+    assert biased[0, n_prompt:].tolist()[: len(manual[0])] != manual[0]  # the penalties do change plain generate()
