@@ -165,3 +165,18 @@ def test_cli_locate_reports_data_errors(tmp_path, capsys):
                str(tmp_path / "m.safetensors")])  # shipped rows exceed the tiny model's 256 positions
     assert rc == 2
     assert "--max-length" in capsys.readouterr().err
+
+
+def test_auto_mode_end_to_end_restores_weights(llama, tok):
+    before = {k: v.detach().clone() for k, v in llama.named_parameters()}
+    cfg = LocateConfig(max_samples=3, max_length=64, progress=False, auto=True, auto_holdout=2,
+                       auto_max_new_tokens=4, auto_scu_grid=(0.01, 0.02), auto_ru_grid=(0.1, 0.2),
+                       auto_refusal_drop=0.0, auto_utility_tolerance=10.0)
+    mask = locate(llama, tok, config=cfg)
+    auto = mask.method["auto"]
+    assert auto["scu"] == 0.01 and auto["ru"] == 0.2  # drop 0 is met at once; a huge tolerance keeps every RU size
+    assert [r["fraction"] for r in auto["ru_sweep"]] == [0.1, 0.2]
+    assert mask.method["config"]["scu"] == 0.01 and mask.method["config"]["ru"] == 0.2
+    assert mask.summary()["classes"]["RU"] == round(0.2 * mask.n_units)
+    assert mask.method["data"]["n_safety"] == 3  # the held-apart rows are not in the statistics
+    assert all(torch.equal(p, before[k]) for k, p in llama.named_parameters())
