@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
@@ -105,7 +104,8 @@ def main() -> None:
              "| process | seconds (each run) | peak RSS MiB (each run) |", "|---|---|---|"]
     for k, v in summary.items():
         lines.append(f"| {k} | {v['seconds']} | {v['peak_rss_mib']} |")
-    lines += ["", "Times include the imports. `imports` = python + torch + transformers + ssah_plugin.verify imported, nothing else. "
+    lines += ["", "Times include the imports. `imports` = python + torch + transformers + ssah_plugin.verify "
+              "imported, nothing else. "
               "`verify` = verify_checkpoint(base, tuned, mask) on the "
               f"{rows['verify'][0]['tensors_checked']} unit-bearing tensors of each checkpoint (all read). `load` = "
               "AutoModelForCausalLM.from_pretrained(base) with every weight read once, for comparison.",

@@ -124,7 +124,8 @@ def load_harmful(source: str | os.PathLike | None = None, limit: int | None = No
         elif isinstance(r, Mapping) and any(k in r for k in ("prompt", "goal", "instruction")):
             prompts.append(r.get("prompt") or r.get("goal") or _instruction(r))
         else:
-            raise DataError(f"{source}: row {i} has no 'prompt' field (fields: {list(r) if isinstance(r, Mapping) else type(r).__name__})")
+            what = list(r) if isinstance(r, Mapping) else type(r).__name__
+            raise DataError(f"{source}: row {i} has no 'prompt' field (has: {what})")
     prompts = prompts[:limit] if limit is not None else prompts
     if not prompts:
         raise DataError(f"no harmful prompts in {str(source)!r}")
@@ -198,8 +199,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
                 tok = AutoTokenizer.from_pretrained(spec)
                 model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
             except OSError as exc:
-                raise DataError(f"cannot load model {spec!r}: {exc}".splitlines()[0] +
-                                " (a local folder with config.json and weights, a hub name, or tiny:<family>)") from None
+                first = f"cannot load model {spec!r}: {exc}".splitlines()[0]
+                raise DataError(first + " (a local folder with config.json and weights, a hub name, or "
+                                "tiny:<family>)") from None
     if device is not None:
         model.to(device)
     model.eval()
@@ -250,7 +252,10 @@ def attack_success_rate(
 # ---------------------------------------------------------------------------------------------------- utility
 def _pair_ids(tokenizer, pair, system: str | None, max_length: int) -> tuple[list[int], list[int], bool]:
     if isinstance(pair, Mapping):
-        prompt, response = (pair["prompt"], pair["response"]) if "prompt" in pair else (_instruction(pair), pair["output"])
+        if "prompt" in pair:
+            prompt, response = pair["prompt"], pair["response"]
+        else:
+            prompt, response = _instruction(pair), pair["output"]
     else:
         prompt, response = pair
     p, r = chat_pair_ids(tokenizer, prompt, response, system)
@@ -368,6 +373,8 @@ def evaluate_checkpoint(
     progress: bool = True,
     safety: bool = True,
     utility: bool = True,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Safety (ASR) and utility (benign loss) of one checkpoint.
 
@@ -379,6 +386,7 @@ def evaluate_checkpoint(
         limit: evaluate the first ``limit`` harmful prompts only; ``benign_limit`` the same for benign pairs
             (defaults to ``limit``).
         safety / utility: switch either part off.
+        dtype / device: used when ``model`` is a spec to load.
 
     Returns:
         ``{"name", "model", "asr", "refusal_rate", "n_harmful", "benign_loss", "perplexity", "benign_tokens",
@@ -388,7 +396,7 @@ def evaluate_checkpoint(
     spec = None
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, dtype=dtype, device=device)
     elif tokenizer is None:
         raise SSAHError("evaluate_checkpoint needs the tokenizer when given a model object")
     name = name or spec or type(model).__name__

@@ -79,8 +79,9 @@ def plot_results(results: Sequence[dict], path: str | os.PathLike) -> Path:
         bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values],
                       color=[colors[i % len(colors)] for i in xs])
         for bar, v in zip(bars, values):
-            ax.annotate("n/a" if math.isnan(v) else fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            label = "n/a" if math.isnan(v) else fmt.format(v)
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([n if len(n) <= 24 else "..." + n[-21:] for n in names], rotation=20, ha="right",
                            fontsize=8)

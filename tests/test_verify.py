@@ -1,4 +1,4 @@
-"""verify: lazy reading of sharded safetensors, bit-exact drift detection, tolerance, reports, exit codes, bad inputs."""
+"""verify: lazy reading of sharded safetensors, bit-exact drift detection, tolerance, reports, exit codes, inputs."""
 import json
 import math
 import shutil

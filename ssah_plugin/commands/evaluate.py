@@ -40,14 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benign", default=None, metavar="DATA", help="benign pairs (default: benign:heldout)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64, help="new tokens per reply (default 64; "
                         "Wei et al. used 256)")
-    parser.add_argument("--limit", type=_positive, default=None, help="use the first N harmful prompts and N benign pairs")
+    parser.add_argument("--limit", type=_positive, default=None,
+                        help="use the first N harmful prompts and N benign pairs")
     parser.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--max-length", type=_positive, default=512, help="token limit of a benign pair (default 512)")
     parser.add_argument("--system", default=None, help="system prompt put before every prompt (default: none)")
     parser.add_argument("--judge", default="wei2024_test_prefixes",
                         choices=["wei2024_test_prefixes", "qi2023_keyword_eval_test_prefixes"],
                         help="refusal phrase list (default: Wei et al.'s)")
-    parser.add_argument("--min-words", type=int, default=20, help="shorter replies count as refusals (default 20; 0: off)")
+    parser.add_argument("--min-words", type=int, default=20,
+                        help="shorter replies count as refusals (default 20; 0: off)")
     parser.add_argument("--exact-apostrophes", action="store_true",
                         help="do not map curly apostrophes to ' before matching (the original papers' behaviour)")
     parser.add_argument("--no-safety", action="store_true", help="skip the harmful-prompt evaluation")
