@@ -137,6 +137,7 @@ class FreezeEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.attached = False  # a later attach() takes a new snapshot and registers the hooks again
 
     # ------------------------------------------------------------------ checks
     @torch.no_grad()
