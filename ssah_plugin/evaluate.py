@@ -167,8 +167,8 @@ def load_benign(source: str | os.PathLike | None = None, limit: int | None = Non
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | None = None):
     """Load ``(model, tokenizer)`` from ``tiny:<family>`` (tests), a local folder, or a hub name.
 
-    A folder holding a PEFT adapter (``adapter_config.json``) is loaded with its base model by
-    :func:`ssah_plugin._peft.load_adapter_model` when that helper exists.
+    A folder holding a PEFT adapter (``adapter_config.json``) is merged into the base model its config names
+    (:func:`ssah_plugin._peft.merge_adapter_state`); its tokenizer is the adapter folder's if saved, else the base's.
     """
     spec = str(spec)
     if spec.startswith("tiny:"):
@@ -183,12 +183,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
 
         path = Path(spec)
         if path.is_dir() and (path / "adapter_config.json").is_file():
-            try:
-                from ._peft import load_adapter_model  # PEFT engineer's helper (adapter + base)
-            except ImportError:
-                raise DataError(f"{spec} is a PEFT adapter folder; merge it into its base model first "
-                                "(peft: model.merge_and_unload().save_pretrained(...))") from None
-            model, tok = load_adapter_model(spec, dtype=dtype)
+            model, tok = _load_adapter(path, dtype)
         else:
             if not path.exists() and spec.startswith((".", "/", "~")):
                 raise DataError(f"model folder {spec!r} does not exist")
@@ -199,13 +194,33 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
                 tok = AutoTokenizer.from_pretrained(spec)
                 model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
             except OSError as exc:
-                first = f"cannot load model {spec!r}: {exc}".splitlines()[0]
+                where = "" if path.exists() else f"there is no local folder {spec!r}, and as a hub name: "
+                first = f"cannot load model {spec!r}: {where}{exc}".splitlines()[0]
                 raise DataError(first + " (a local folder with config.json and weights, a hub name, or "
                                 "tiny:<family>)") from None
     if device is not None:
         model.to(device)
     model.eval()
     return model, tok
+
+
+def _load_adapter(path: Path, dtype):
+    """A PEFT adapter folder: merged into the base named in its ``adapter_config.json`` (what users deploy)."""
+    from transformers import AutoTokenizer
+
+    from ._peft import merge_adapter_state
+
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise DataError(f"{path}/adapter_config.json does not name its base model ({exc}); merge the adapter "
+                        "yourself (model.merge_and_unload().save_pretrained(dir)) and evaluate that folder") from None
+    if not base:
+        raise DataError(f"{path}/adapter_config.json does not name its base model; merge the adapter yourself "
+                        "(model.merge_and_unload().save_pretrained(dir)) and evaluate that folder")
+    model = merge_adapter_state(base, path, dtype=dtype or "auto")
+    tok_dir = path if (path / "tokenizer_config.json").is_file() else base
+    return model, AutoTokenizer.from_pretrained(tok_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- safety

@@ -179,3 +179,21 @@ def test_eval_cli_json_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--model", "tiny:llama", "--limit", "0"])
     assert exc.value.code == 2
+
+
+def test_load_model_merges_a_peft_adapter_folder(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["down_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    lora.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    lora.save_pretrained(tmp_path / "adapter")
+    merged, tok = ev.load_model(tmp_path / "adapter")
+    expected = lora.merge_and_unload().model.layers[0].mlp.down_proj.weight
+    assert torch.equal(merged.model.layers[0].mlp.down_proj.weight, expected)
+    assert tok.chat_template
