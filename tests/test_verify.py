@@ -255,3 +255,33 @@ def test_peft_adapter_folder_is_merged_then_verified(ckpts, tmp_path):
     with pytest.raises(DataError, match="adapter"):
         from ssah_plugin.checkpoint import open_checkpoint
         open_checkpoint(tmp_path / "good")
+
+
+@pytest.mark.parametrize("family,granularity", [("gpt2", "channel"), ("phi3", "head"), ("qwen3", "head")])
+def test_other_layouts_fused_and_head_units(tmp_path, family, granularity):
+    """Conv1D layout (GPT-2), fused gate_up/qkv (Phi-3) and head units: every slice of a unit is checked."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "base", max_shard_size=SHARD)
+    groups = Mask.empty_for(model, granularity).groups
+    attn = next(g for g in groups if g.kind == "attn" and g.layer == 1)
+    mask = Mask.from_units(model, {attn.name: [1]}, granularity=granularity)
+    for si, s in enumerate(attn.slices):  # move one element of each slice of unit 1 in turn
+        p = model.get_submodule(s.module).get_parameter(s.param)
+        pos = [0] * p.dim()
+        pos[s.axis] = int(s.index[1, -1])
+        with torch.no_grad():
+            p[tuple(pos)] += 1e-3
+        model.save_pretrained(tmp_path / f"t{si}", max_shard_size=SHARD)
+        report = verify_mod.verify_checkpoint(tmp_path / "base", tmp_path / f"t{si}", mask, progress=False)
+        assert report.total.changed_units == 1 and report.per_group[attn.name].changed_units == 1, s.name
+        with torch.no_grad():
+            p[tuple(pos)] -= 1e-3
+        # the last unit is trainable, and shares no value row with unit 1 even under grouped-query attention
+        # (there heads 0 and 1 read the same value rows, so moving unit 0's value row *is* a change of unit 1)
+        pos[s.axis] = int(s.index[-1, 0])
+        with torch.no_grad():
+            p[tuple(pos)] += 1e-3
+        model.save_pretrained(tmp_path / f"n{si}", max_shard_size=SHARD)
+        assert verify_mod.verify_checkpoint(tmp_path / "base", tmp_path / f"n{si}", mask, progress=False).ok, s.name
+        with torch.no_grad():
+            p[tuple(pos)] -= 1e-3
