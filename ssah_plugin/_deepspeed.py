@@ -39,7 +39,7 @@ from torch import nn
 from .errors import UnsupportedSetupError, require
 from .resolve import FrozenSlice, plan_frozen_slices
 
-__all__ = ["DeepSpeedEnforcer", "build_deepspeed_enforcer", "deepspeed_enforce"]
+__all__ = ["DeepSpeedEnforcer", "build_deepspeed_enforcer", "deepspeed_enforce", "refuse_under_zero"]
 
 logger = logging.getLogger(__name__)
 
@@ -405,3 +405,33 @@ def deepspeed_enforce(engine, mask, policy: str | None = None, *, check_fingerpr
     m = load_mask(mask)
     enforcer = build_deepspeed_enforcer(m, model, policy, optimizer, check_fingerprint=check_fingerprint)
     return enforcer.attach()
+
+
+def refuse_under_zero(slices: list[FrozenSlice]):
+    """Guard for :class:`~ssah_plugin.SSAHOptimizer`: refuse at the first ``backward()`` if ZeRO took the model over.
+
+    A wrapped torch optimizer handed to DeepSpeed (``Trainer(optimizers=...)`` with ``deepspeed=``, or
+    ``deepspeed.initialize(optimizer=...)``) only sees ZeRO's flat fp32 partitions, and a DeepSpeed config with an
+    ``"optimizer"`` block drops it silently. Either way its restore cannot keep the master weights exact, so a tensor
+    hook on one frozen parameter raises during the first backward, before any weight changes. Returns the hook handle
+    (``None`` when nothing is frozen).
+    """
+    params = [s.param for s in slices if s.param.requires_grad]
+    if not params:
+        return None
+    p = params[0]
+    checked = [False]
+
+    def _guard(grad: torch.Tensor) -> None:
+        if checked[0]:
+            return None
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            raise UnsupportedSetupError(
+                "SSAHOptimizer is used under DeepSpeed ZeRO: ZeRO steps flat fp32 partitions (or replaces the wrapped "
+                "optimizer when the DeepSpeed config has an 'optimizer' block), so the wrapper cannot keep frozen "
+                "units exact. Fix: pass the plain torch optimizer and add callbacks=[SSAHCallback(mask)] to the "
+                "Trainer, or call ssah_plugin.deepspeed_enforce(engine, mask) after deepspeed.initialize")
+        checked[0] = True
+        return None
+
+    return p.register_hook(_guard)

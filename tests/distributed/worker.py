@@ -7,7 +7,8 @@ Launched by :mod:`tests.distributed.launch` (``torchrun --nproc_per_node 2``, gl
 A scenario name is ``host-stage-dtype[-flag...]``: host in trainer / sft / dpo / raw / ddp; stage z0..z3 (or ddp);
 dtype fp32 / bf16; flags: ``lora``, ``dsopt`` (DeepSpeed config ``"optimizer"`` block), ``resume`` (save, then
 resume from the checkpoint in a second Trainer), ``offload`` (expects a refusal), ``ga1`` (no accumulation),
-``control`` (the same job without the plugin: drift must show, proving the check can fail).
+``control`` (the same job without the plugin: drift must show, proving the check can fail), ``ssahopt``
+(``Trainer(optimizers=(SSAHOptimizer(...), None))`` instead of the callback: refused under ZeRO).
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with the measured drifts (or the error raised), so the test
 asserts on markers rather than on the launcher's exit code (DeepSpeed on CPU occasionally aborts at exit).
 
@@ -214,6 +215,11 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
             kw.update(save_strategy="steps", save_steps=max_steps)
         if host == "trainer":
             args = train_args(TrainingArguments, tmp, bf16, stage, extra, **kw)
+            if extra.get("ssahopt"):  # the optimizer route: SSAHOptimizer handed to a DeepSpeed Trainer
+                from ssah_plugin import SSAHOptimizer
+
+                opt = SSAHOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD), model, mask)
+                return Trainer(model=model, args=args, train_dataset=lm_dataset(), optimizers=(opt, None))
             return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=callbacks)
         if host == "sft":
             from trl import SFTConfig, SFTTrainer
