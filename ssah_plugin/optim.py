@@ -56,6 +56,9 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         self._wrapping = False
         self.enforcer.attach()
+        from ._deepspeed import refuse_under_zero  # refuses at the first backward if DeepSpeed ZeRO takes over
+
+        self._zero_guard = refuse_under_zero(self.enforcer.slices)
 
     def _check_params_covered(self, model: nn.Module) -> None:
         owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
