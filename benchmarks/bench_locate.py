@@ -80,7 +80,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
         from ssah_plugin.layerwise import locate_layerwise
 
         before = rss_mib()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         mask = locate_layerwise(args.checkpoint, tok, safety=DEFAULT_SHIPPED_SAFETY, utility=DEFAULT_SHIPPED_UTILITY,
                                 config=cfg)
         wall = time.perf_counter() - t0
@@ -88,7 +88,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     else:
         model = build_model()
         before = rss_mib()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         if mode == "locate":
             mask = locate(model, tok, config=cfg)
             extra = {"units": mask.n_units}
@@ -100,7 +100,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
                         fn(input_ids=ids, attention_mask=att, use_cache=False)
             extra = {}
         wall = time.perf_counter() - t0
-    return {"mode": mode, "wall_s": wall, "peak_rss_mib": peak_mib(), "rss_before_mib": before,
+    return {"mode": mode, "wall_s": wall, "cpu_s": time.process_time() - c0, "peak_rss_mib": peak_mib(), "rss_before_mib": before,
             "tokens": tokens, "counted_tokens": counted, **extra}
 
 
@@ -146,20 +146,21 @@ def main() -> int:
     summary = {}
     for mode in modes:
         walls = [x["wall_s"] for x in runs if x["mode"] == mode]
+        cpus = [x["cpu_s"] for x in runs if x["mode"] == mode]
         peaks = [x["peak_rss_mib"] for x in runs if x["mode"] == mode]
         summary[mode] = {"wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
-                         "wall_s_max": max(walls), "peak_rss_mib_max": max(peaks)}
+                         "wall_s_max": max(walls), "cpu_s_median": statistics.median(cpus),
+                         "peak_rss_mib_max": max(peaks)}
     ratios = {}
-    for ref in ("forward", "body"):
-        if "locate" in summary and ref in summary:
-            pairs = [(a["wall_s"], b["wall_s"]) for a in runs if a["mode"] == "locate"
-                     for b in runs if b["mode"] == ref and b["repeat"] == a["repeat"]]
-            ratios[f"locate_over_{ref}"] = {"median": statistics.median(a / b for a, b in pairs),
-                                            "min": min(a / b for a, b in pairs), "max": max(a / b for a, b in pairs)}
-        if "layerwise" in summary and ref in summary:
-            pairs = [(a["wall_s"], b["wall_s"]) for a in runs if a["mode"] == "layerwise"
-                     for b in runs if b["mode"] == ref and b["repeat"] == a["repeat"]]
-            ratios[f"layerwise_over_{ref}"] = {"median": statistics.median(a / b for a, b in pairs)}
+    for num in ("locate", "layerwise"):
+        for ref in ("forward", "body"):
+            if num not in summary or ref not in summary:
+                continue
+            for key in ("wall_s", "cpu_s"):
+                vals = [a[key] / b[key] for a in runs if a["mode"] == num
+                        for b in runs if b["mode"] == ref and b["repeat"] == a["repeat"]]
+                ratios[f"{num}_over_{ref} ({key[:-2]})"] = {"median": statistics.median(vals), "min": min(vals),
+                                                            "max": max(vals)}
     import platform
 
     import torch
@@ -180,14 +181,14 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# locate benchmark", "", f"Command: `{result['command']}`", "", f"Model: {result['model']}.",
              f"Data: {result['data']}; {result['tokens']} tokens, {result['counted_tokens']} counted (response).",
-             f"Machine: {result['machine']}.", "", "| mode | wall s (median) | min..max | peak RSS MiB |",
-             "|---|---|---|---|"]
+             f"Machine: {result['machine']}.", "",
+             "| mode | wall s (median) | min..max | CPU s (median) | peak RSS MiB |", "|---|---|---|---|---|"]
     for mode, s in summary.items():
         lines.append(f"| {mode} | {s['wall_s_median']:.1f} | {s['wall_s_min']:.1f}..{s['wall_s_max']:.1f} | "
-                     f"{s['peak_rss_mib_max']:.0f} |")
+                     f"{s['cpu_s_median']:.1f} | {s['peak_rss_mib_max']:.0f} |")
     lines += ["", "| ratio | median | min..max |", "|---|---|---|"]
     for k, v in ratios.items():
-        lines.append(f"| {k} | {v['median']:.2f} | {v.get('min', v['median']):.2f}..{v.get('max', v['median']):.2f} |")
+        lines.append(f"| {k} | {v['median']:.2f} | {v['min']:.2f}..{v['max']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import DataError, UnsupportedSetupError
+from .errors import UnsupportedSetupError
 from .mask import Mask, fingerprint_samples
 from .units import _layers, describe_units, find_arch_spec
 
@@ -191,7 +191,6 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.eval()
-    find_arch_spec(model)
     _, spec = find_arch_spec(model)
     layers_path, layers = _layers(model, spec)
     for mod in model.modules():  # rotary frequencies and other real buffers go to the device

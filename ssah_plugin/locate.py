@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +149,9 @@ class LocateConfig:
 class ChannelStats:
     """Running per-channel mean and variance in float64 (Chan et al. parallel update of Welford's M2).
 
-    Each :meth:`update` merges a whole batch ``[n, d]``: the batch mean and M2 are computed in float64 around the
-    batch mean (no catastrophic cancellation as with raw sum-of-squares), then merged. State is ``3 x d`` numbers.
+    Each :meth:`update` merges a whole batch ``[n, d]``: the batch mean and M2 are computed in float64 by
+    ``torch.var_mean`` (around the batch mean: no catastrophic cancellation as with raw sum-of-squares), then merged.
+    State is ``3 x d`` numbers.
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
@@ -166,9 +166,8 @@ class ChannelStats:
             return
         if self.mean.device != x.device:
             self.mean, self.m2 = self.mean.to(x.device), self.m2.to(x.device)
-        x = x.to(torch.float64)
-        mb = x.mean(0)
-        m2b = (x - mb).square_().sum(0)
+        var_b, mb = torch.var_mean(x.to(torch.float64), 0, correction=0)  # one fused pass
+        m2b = var_b * nb
         n = self.n + nb
         delta = mb - self.mean
         self.mean += delta * (nb / n)
@@ -588,7 +587,8 @@ def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT
     device = resolve_device(cfg.device)
     mode = cfg.layerwise
     if mode == "auto":
-        need = checkpoint_bytes(spec) if Path(spec).is_dir() else None
+        itemsize = getattr(torch, cfg.dtype).itemsize if cfg.dtype else (4 if device.type == "cpu" else None)
+        need = checkpoint_bytes(spec, itemsize) if Path(spec).is_dir() else None
         have = memory_available(device)
         mode = "on" if need is not None and have is not None and need * 1.2 > have else "off"
         if mode == "on":
