@@ -115,8 +115,11 @@ class SSAHCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._logged and logs is not None and self.summary:
-            logs["ssah/frozen_fraction"] = round(self.summary["frozen_fraction"], 6)
-            logs["ssah/frozen_units"] = self.summary["frozen_units"]
+            added = {"ssah/frozen_fraction": round(self.summary["frozen_fraction"], 6),
+                     "ssah/frozen_units": self.summary["frozen_units"]}
+            logs.update(added)  # the dict the reporting callbacks (TensorBoard, W&B, ...) receive next
+            if state.log_history:  # the Trainer appended its copy before on_log: keep trainer_state.json in step
+                state.log_history[-1].update(added)
             self._logged = True
 
     # ------------------------------------------------------------------ end
