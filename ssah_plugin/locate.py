@@ -463,6 +463,12 @@ def _safety_pairs(model, tokenizer, source, cfg: LocateConfig, max_samples: int 
         prompts = list(source)[:max_samples] if max_samples else list(source)
     else:
         rows = load_rows(source)
+        if any(r.get("split") == "eval" for r in rows):  # AdvBench: never calibrate on the evaluation prompts
+            rows = [r for r in rows if r.get("split") != "eval"]
+            logger.info("own refusals: skipping AdvBench rows with split 'eval' (%d rows left)", len(rows))
+            if not rows:
+                raise DataError("the safety data holds only AdvBench 'eval' rows, which are kept for evaluation; "
+                                "use the 'calib' rows")
         # one row per distinct prompt (safety_refusals.jsonl repeats prompts)
         seen, uniq = set(), []
         for r in rows:

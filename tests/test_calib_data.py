@@ -106,6 +106,8 @@ def test_own_refusals(monkeypatch):
     mask = locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
     assert mask.method["data"]["n_safety"] == 2  # the compliant reply was dropped
     assert len(seen["prompts"]) == 3
+    advbench = {r["prompt"]: r["split"] for r in load_rows("shipped:advbench.jsonl")}
+    assert all(advbench[p] == "calib" for p in seen["prompts"])  # evaluation prompts never calibrate
 
     monkeypatch.setattr(gen, "generate", lambda m, t, prompts, **kw: ["Sure, here it is."] * len(prompts))
     with pytest.raises(DataError, match="none of the model's 3 replies"):
