@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 HELP = "evaluate checkpoints: attack success rate on harmful prompts and loss on held-out benign data"
 EPILOG = """\
@@ -99,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(markdown_table(results))
     if args.out:
-        files = write_report(results, args.out, responses=args.save_responses)
+        with warnings.catch_warnings():  # the warning about responses.jsonl is printed below, once
+            warnings.simplefilter("ignore", UserWarning)
+            files = write_report(results, args.out, responses=args.save_responses)
         print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
         if args.save_responses:
             print(f"warning: {files['responses']} contains full replies to harmful prompts; keep it out of logs "
