@@ -108,3 +108,31 @@ def test_unsupported_setups_refused_at_setup(jobs, scenario):
         assert not m["ok"], f"{scenario} rank {rank} should have been refused"
         assert m["error_type"] == "UnsupportedSetupError", m.get("traceback")
         assert REFUSED[scenario] in m["error"] and "Fix" in m["error"]
+
+
+@pytest.mark.parametrize("trainer", ["sft"])
+def test_recipe_under_accelerate_launch_with_shipped_configs(tmp_path, trainer):
+    """integrations/recipes/trl_zero.py + integrations/accelerate/zero2.yaml (+ zero2.json) as a user would run them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .launch import ROOT, free_port, job_env
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "integrations/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(ROOT / "integrations/recipes/trl_zero.py"), "--trainer", trainer, "--model", "tiny",
+           "--output_dir", str(out), "--max_steps", "2", "--lr", "1e-2", "--no-bf16"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        log, _ = proc.communicate()
+    summary = out / "ssah_summary.json"
+    assert summary.exists(), log[-4000:]
+    s = json.loads(summary.read_text())
+    assert s["steps"] == 2 and s["max_drift"] == 0.0 and s["frozen_elements"] > 0
