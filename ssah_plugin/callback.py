@@ -99,12 +99,15 @@ class SSAHCallback(TrainerCallback):
         """Run before the reporting callbacks so that our first ``on_log`` additions reach them.
 
         The Trainer's ``CallbackHandler`` keeps callbacks in a list; we only reorder that list (found as the list
-        object that refers to this callback), nothing global.
+        that holds this callback and the Trainer's ``DefaultFlowCallback``, so a user's own list is left alone),
+        nothing global. If it cannot be found, the summary still reaches ``trainer_state.json`` and the logs.
         """
+        from transformers.trainer_callback import DefaultFlowCallback
+
         for ref in gc.get_referrers(self):
-            if isinstance(ref, list) and ref and ref[0] is not self and all(
-                isinstance(c, TrainerCallback) for c in ref
-            ):
+            if (isinstance(ref, list) and ref and ref[0] is not self
+                    and all(isinstance(c, TrainerCallback) for c in ref)
+                    and any(isinstance(c, DefaultFlowCallback) for c in ref)):
                 ref.remove(self)
                 ref.insert(0, self)
 

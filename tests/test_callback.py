@@ -175,8 +175,10 @@ def test_logs_once_and_summary_and_order(tmp_path):
     mask = Mask.from_units(model, {"model.layers.0.mlp": [1, 2, 3]})
     reporter = Reporter()  # stands for TensorBoard/W&B: registered before our callback
     cb = SSAHCallback(mask)
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=3), train_dataset=_dataset(), callbacks=[reporter, cb])
+    user_list = [reporter, cb]
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=3), train_dataset=_dataset(), callbacks=user_list)
     trainer.train()
+    assert user_list == [reporter, cb] and trainer.callback_handler.callbacks[0] is cb  # only the handler's list
     hits = [r for r in trainer.state.log_history if "ssah/frozen_fraction" in r]
     assert len(hits) == 1 and hits[0]["ssah/frozen_units"] == 3
     assert hits[0]["ssah/frozen_fraction"] == round(3 / 384, 6)
