@@ -75,6 +75,9 @@ def test_frozen_units_exact_on_every_rank(jobs, scenario):
         _assert_exact(m, f"{scenario} rank {rank}", lora)
         expected_steps = 4 if "resume" in scenario and scenario.startswith(("trainer", "sft", "dpo")) else 3
         assert m["global_step"] == expected_steps
+        if "per_step_drift" in m:  # checked after every optimizer step, not only at the end
+            assert len(m["per_step_drift"]) == m["global_step"] > 0
+            assert all(d == 0.0 for d in m["per_step_drift"]), m["per_step_drift"]
         if "first_phase" in m:  # the checkpoint that was resumed from was exact too
             _assert_exact(m["first_phase"], f"{scenario} rank {rank} before save", lora)
         if "after_resume" in m:

@@ -176,6 +176,26 @@ def measure(model, mask, ref: dict, full: dict, zero: bool, enforcer=None) -> di
 
 
 # ---------------------------------------------------------------------------------------------- hosts
+def _probe_class():
+    from transformers import TrainerCallback
+
+    class _StepProbe(TrainerCallback):
+        """After every optimizer step (``on_step_end``), this rank's local drift of master fragments + model copy."""
+
+        def __init__(self, cb):
+            self.cb, self.drifts = cb, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.cb.enforcer is not None:
+                self.drifts.append(self.cb.enforcer.max_drift())
+
+    return _StepProbe
+
+
+def StepProbe(cb):  # noqa: N802 - a class built lazily (transformers is imported inside the worker only)
+    return _probe_class()(cb)
+
+
 def train_args(cls, out: str, bf16: bool, stage: int | None, extra: dict, **kw):
     args = dict(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=extra.get("ga", 2),
                 max_steps=STEPS, learning_rate=LR, weight_decay=WD, max_grad_norm=1.0, lr_scheduler_type="constant",
@@ -207,7 +227,8 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj", "o_proj", "up_proj"],
                                  lora_dropout=0.0, task_type="CAUSAL_LM")
     cb = SSAHCallback(mask)
-    callbacks = [] if extra.get("control") else [cb]  # control: same job without the plugin (drift must show)
+    probe = StepProbe(cb)
+    callbacks = [] if extra.get("control") else [cb, probe]  # control: same job without the plugin
 
     def make(max_steps: int, save: bool, model):
         kw = dict(max_steps=max_steps)
@@ -257,6 +278,7 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
         res = measure(trainer.model, mask, ref, full, zero, cb.enforcer)
         res["global_step"] = trainer.state.global_step
     res["callback_steps"] = cb.summary.get("steps")
+    res["per_step_drift"] = probe.drifts
     res["host_optimizer"] = [type(o).__name__ for o in _chain(trainer.optimizer)]
     res["frozen_elements"] = cb.summary.get("frozen_elements")
     return res
