@@ -160,8 +160,9 @@ def _markdown(res: dict, command: str) -> str:
              "DS_ACCELERATOR=cpu) on a shared 2-core machine. Frozen: every 20th unit of every block "
              f"({100 * res['stages'][0]['frozen_unit_fraction']:.1f}% of units). {res['rounds']} interleaved rounds "
              f"of {res['steps_per_mode']} steps without / with the plugin (order flipped each round).", "",
-             "| ZeRO stage | step s (off, median) | step s (on, median) | overhead ratio: median [min, max] over rounds "
-             "| restore inside step (s) | gradient hooks (s) | plugin work / step |", "|---|---|---|---|---|---|---|"]
+             "| ZeRO stage | step s (off, median) | step s (on, median) | overhead ratio: median [min, max] over "
+             "rounds | restore inside step (s) | gradient hooks (s) | plugin work / step |",
+             "|---|---|---|---|---|---|---|"]
     for s in res["stages"]:
         lines.append(f"| {s['stage']} | {s['step_s_off_median']:.3f} | {s['step_s_on_median']:.3f} | "
                      f"{s['ratio_median']:.4f} [{s['ratio_min']:.4f}, {s['ratio_max']:.4f}] | "

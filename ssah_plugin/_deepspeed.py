@@ -390,8 +390,8 @@ def deepspeed_enforce(engine, mask, policy: str | None = None, *, check_fingerpr
     ``engine.backward``. Nothing else changes in your loop: the restore runs inside ``engine.step()``.
 
     Example:
-        >>> engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config="zero2.json")  # doctest: +SKIP
-        >>> enforcer = ssah_plugin.deepspeed_enforce(engine, "mask.safetensors")                          # doctest: +SKIP
+        >>> engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)  # doctest: +SKIP
+        >>> enforcer = ssah_plugin.deepspeed_enforce(engine, "mask.safetensors")        # doctest: +SKIP
         >>> ...  # train as usual; enforcer.max_drift() == 0.0 on every rank
     """
     from .enforce import load_mask

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
         args = DPOConfig(learning_rate=a.lr or 1e-6, **common)
         # A model built in-process has no hub name to load a reference from: give TRL a copy (tiny smoke test).
         ref_model = copy.deepcopy(model) if a.model == "tiny" and peft_config is None else None
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
-                             peft_config=peft_config, callbacks=callbacks)
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(data),
+                             processing_class=tok, peft_config=peft_config, callbacks=callbacks)
     trainer.train()
     summary = callbacks[0].summary
     if trainer.is_world_process_zero():

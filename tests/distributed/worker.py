@@ -8,7 +8,8 @@ A scenario name is ``host-stage-dtype[-flag...]``: host in trainer / sft / dpo /
 dtype fp32 / bf16; flags: ``lora``, ``dsopt`` (DeepSpeed config ``"optimizer"`` block), ``resume`` (save, then
 resume from the checkpoint in a second Trainer), ``offload`` (expects a refusal), ``ga1`` (no accumulation),
 ``control`` (the same job without the plugin: drift must show, proving the check can fail), ``ssahopt``
-(``Trainer(optimizers=(SSAHOptimizer(...), None))`` instead of the callback: refused under ZeRO).
+(``Trainer(optimizers=(SSAHOptimizer(...), None))`` instead of the callback: refused under ZeRO), ``gc`` (gradient
+checkpointing on, TRL's default).
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with the measured drifts (or the error raised), so the test
 asserts on markers rather than on the launcher's exit code (DeepSpeed on CPU occasionally aborts at exit).
 
@@ -201,8 +202,8 @@ def train_args(cls, out: str, bf16: bool, stage: int | None, extra: dict, **kw):
                 max_steps=STEPS, learning_rate=LR, weight_decay=WD, max_grad_norm=1.0, lr_scheduler_type="constant",
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
                 disable_tqdm=True, dataloader_num_workers=0)
-    if cls.__name__ in ("SFTConfig", "DPOConfig"):
-        args["gradient_checkpointing"] = False
+    if cls.__name__ in ("SFTConfig", "DPOConfig") or extra.get("gc"):
+        args["gradient_checkpointing"] = bool(extra.get("gc"))  # TRL's default is on; "gc" scenarios keep it
     if stage is not None:
         args["deepspeed"] = ds_config(stage, dsopt=extra.get("dsopt", False), offload=extra.get("offload", False))
     args.update(kw)
