@@ -217,6 +217,20 @@ def test_register_architecture_opt(opt_registered, models):
     unit = int(x.reshape(-1, x.shape[-1]).abs().sum(0).argmax())
     _check_group(model, mlp, unit)
     _check_group(model, attn, 40)
+    # the registered architecture goes through the whole path: mask, validation, enforcement
+    from ssah_plugin import Mask, SSAHOptimizer
+
+    model.train()
+    mask = Mask.from_units(model, {mlp.name: [unit, 3], attn.name: [40]})
+    frozen_w = model.get_submodule(mlp.score_module).weight.detach()[:, [3, unit]].clone()
+    opt = SSAHOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model, mask)
+    for _ in range(2):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.max_drift() == 0.0
+    assert torch.equal(model.get_submodule(mlp.score_module).weight[:, [3, unit]], frozen_w)
+    opt.remove_hooks()
     with pytest.raises(ValueError, match="already registered"):
         register_architecture("opt", OPT_SPEC)
     with pytest.raises(TypeError):
