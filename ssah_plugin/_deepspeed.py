@@ -353,9 +353,13 @@ class DeepSpeedEnforcer:
 
     @property
     def snapshot_bytes(self) -> int:
-        pieces = [p for ps in self._master.values() for p in ps] + self._model_copy
-        return sum(p.snap.numel() * p.snap.element_size() + (getattr(p, "pos", None) is not None and
-                                                               p.pos.numel() * 8) for p in pieces)
+        """Memory held on this rank: recorded values plus their int64 positions (master and model-copy checks)."""
+        total = 0
+        for p in [p for ps in self._master.values() for p in ps] + self._model_copy:
+            total += p.snap.numel() * p.snap.element_size()
+            if isinstance(p, _Piece):
+                total += p.pos.numel() * p.pos.element_size()
+        return total
 
 
 def _zero3_get_tensor(name: str, param: nn.Parameter) -> torch.Tensor | None:
