@@ -91,9 +91,15 @@ def run_stage(args: argparse.Namespace, name: str, fn: Callable[[Path], dict]) -
         return done
     d = stage_dir(args, name)
     d.mkdir(parents=True, exist_ok=True)
+    if not _claim(d / ".running"):
+        log.info("stage %s: running in another process, skipped here", name)
+        return {}
     t0 = time.time()
     log.info("stage %s: start", name)
-    result = fn(d)
+    try:
+        result = fn(d)
+    finally:
+        (d / ".running").unlink(missing_ok=True)
     result["stage"] = name
     result["wall_s"] = round(time.time() - t0, 1)
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -101,6 +107,22 @@ def run_stage(args: argparse.Namespace, name: str, fn: Callable[[Path], dict]) -
     (d / ".done").write_text("ok\n")
     log.info("stage %s: done in %.0f s", name, result["wall_s"])
     return result
+
+
+def _claim(lock: Path) -> bool:
+    """Take the stage's lock file (holding our pid) unless a live process holds it (two runners, one stage)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text().strip() or 0), 0)
+            return False
+        except (ValueError, ProcessLookupError, PermissionError):
+            lock.unlink(missing_ok=True)  # stale lock of a process that died
+            return _claim(lock)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def need(args: argparse.Namespace, name: str) -> dict:
@@ -424,6 +446,12 @@ def verify(args: argparse.Namespace, mask_path: str, policy: str, ckpt: Path) ->
 
 
 def st_eval(args: argparse.Namespace, ft_name: str) -> dict:
+    if (Path(args.root) / ".defer_evals").exists() and os.environ.get("STUDY_ROLE") != "evaluator":
+        # a separate evaluator process (STUDY_ROLE=evaluator) runs the evaluations of this root, so that the
+        # runner can go on with the next fine-tuning
+        log.info("eval-%s: deferred to the evaluator process (%s/.defer_evals)", ft_name, args.root)
+        return {}
+
     def fn(out: Path) -> dict:
         ft = need(args, ft_name)
         model, tok = load(ft["checkpoint"])
