@@ -104,6 +104,48 @@ def child(mode: str, args: argparse.Namespace) -> dict:
             "tokens": tokens, "counted_tokens": counted, **extra}
 
 
+def interleaved(args: argparse.Namespace) -> dict:
+    """One process, ``args.threads`` threads: forward / body / locate statistics alternated ``args.rounds`` times on
+    the same batches (CPU time is less sensitive than wall time to the other jobs on the machine)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ssah_plugin.calib_data import encode_pairs, load_pairs
+    from ssah_plugin.locate import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY, batches, collect_stats
+    from ssah_plugin.tiny import tiny_tokenizer
+    from ssah_plugin.units import describe_units
+
+    tok = tiny_tokenizer()
+    enc = [encode_pairs(tok, load_pairs(src, max_samples=args.samples), max_length=args.max_length)
+           for src in (DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY)]
+    model = build_model()
+    groups = describe_units(model)
+
+    def plain(fn):
+        with torch.no_grad():
+            for es in enc:
+                for ids, att, _ in batches(es, args.batch_size, 0):
+                    fn(input_ids=ids, attention_mask=att, use_cache=False)
+
+    fns = {"forward": lambda: plain(model), "body": lambda: plain(model.base_model),
+           "locate_stats": lambda: [collect_stats(model, groups, es, batch_size=args.batch_size, pad_id=0,
+                                                  progress=False) for es in enc]}
+    times: dict[str, list] = {k: [] for k in fns}
+    for r in range(args.rounds):
+        for name in (list(fns)[r % 3:] + list(fns)[:r % 3]):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            times[name].append({"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0})
+            print(f"round {r} {name:<13} cpu {times[name][-1]['cpu_s']:.2f} s", flush=True)
+    ratio = {}
+    for ref in ("forward", "body"):
+        vals = [a["cpu_s"] / b["cpu_s"] for a, b in zip(times["locate_stats"], times[ref])]
+        ratio[f"locate_stats_over_{ref} (cpu)"] = {"median": statistics.median(vals), "min": min(vals),
+                                                   "max": max(vals)}
+    return {"times": times, "ratios": ratio,
+            "tokens": sum(len(e.input_ids) for es in enc for e in es)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=128, help="rows of each data set")
@@ -113,11 +155,31 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "locate"))
+    p.add_argument("--interleaved", action="store_true",
+                   help="single process: alternate forward / body / locate statistics (--rounds times), CPU time")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)))
+        return 0
+    if args.interleaved:
+        res = interleaved(args)
+        res["command"] = "python benchmarks/bench_locate.py " + " ".join(sys.argv[1:])
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        lines = [f"# locate statistics overhead, interleaved in one process", "", f"Command: `{res['command']}`", "",
+                 f"{res['tokens']} tokens per pass; {args.threads} thread(s); CPU time per pass (seconds):", "",
+                 "| pass | " + " | ".join(f"round {i}" for i in range(args.rounds)) + " |",
+                 "|---|" + "---|" * args.rounds]
+        for name, ts in res["times"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{t['cpu_s']:.2f}" for t in ts) + " |")
+        lines += ["", "| ratio | median | min..max |", "|---|---|---|"]
+        lines += [f"| {k} | {v['median']:.2f} | {v['min']:.2f}..{v['max']:.2f} |" for k, v in res["ratios"].items()]
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
         return 0
     modes = [m for m in args.modes.split(",") if m]
     tmp = Path(tempfile.mkdtemp(prefix="bench_locate_"))
