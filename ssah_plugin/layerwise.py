@@ -266,6 +266,7 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
                     fingerprint[s.name] = fingerprint_samples(loaded[s.name])
         layer.to("meta")  # drop the weights
         del loaded
+        reader.close()  # unmap the shards: pages read so far would otherwise stay in the process's memory
     reader.close()
     order = []
     for g in groups:  # first-appearance order, as Mask.empty_for
