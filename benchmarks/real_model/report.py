@@ -15,9 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [
     ("baseline", "base model (converted Qwen2.5-Coder-0.5B-Instruct)", None),
-    ("ablate-scu", "base, SCU removed (zeroed)", None),
-    ("ablate-ru-matched", "base, as many RU removed as SCU", None),
-    ("ablate-ru", "base, all RU removed", None),
+    ("ablate-scu-out", "base, SCU removed (output column only)", None),
+    ("ablate-ru-matched-out", "base, as many RU removed as SCU (output column only)", None),
+    ("ablate-scu", "base, SCU removed (all slices, incl. shared GQA value rows)", None),
+    ("ablate-ru-matched", "base, as many RU removed as SCU (all slices)", None),
     ("ft-harmful-none", "harmful FT, no plugin", "eval-ft-harmful-none"),
     ("ft-harmful-scu+cu6", "harmful FT, plugin (i) scu+cu6", "eval-ft-harmful-scu+cu6"),
     ("ft-harmful-scu+cu", "harmful FT, plugin (ii) scu+cu", "eval-ft-harmful-scu+cu"),

@@ -44,7 +44,7 @@ RESULTS = REPO / "benchmarks" / "results" / "real_model"
 
 DATASETS = ("harmful", "benign")
 POLICIES = ("none", "scu+cu6", "scu+cu")
-ABLATIONS = ("scu", "ru-matched", "ru")
+ABLATIONS = ("scu", "ru-matched", "ru")  # each also as "<name>-out" (output column only)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -331,12 +331,15 @@ def st_ablate(args: argparse.Namespace, which: str) -> dict:
         model, tok = load(args.model)
         from ssah_plugin.locate import zero_units
 
-        sets = ablation_sets(mask, which)
+        # "-out": zero only each unit's input column of B (down_proj / o_proj), exactly the unit's contribution;
+        # otherwise every slice the mask lists (with grouped-query attention a value row is shared by 7 heads here)
+        output_only = which.endswith("-out")
+        sets = ablation_sets(mask, which[:-4] if output_only else which)
         units = int(sum(int(s.sum()) for s in sets))
-        saved = zero_units(model, mask, sets, keep=True)
+        saved = zero_units(model, mask, sets, keep=True, output_only=output_only)
         elems = int(sum(v.numel() for *_, v in saved))
         del saved
-        return {"ablation": which, "units_removed": units, "fraction": units / mask.n_units,
+        return {"ablation": which, "output_only": output_only, "units_removed": units, "fraction": units / mask.n_units,
                 "elements_zeroed": elems, **evaluate_model(args, model, tok, out)}
 
     return run_stage(args, f"ablate-{which}", fn)
