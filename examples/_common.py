@@ -38,7 +38,7 @@ def ensure_mask(args, model, tokenizer) -> str:
 
     mask = locate(model, tokenizer, safety=str(shipped_data_path("safety_refusals.jsonl")),
                   utility=str(shipped_data_path("benign_instructions.jsonl")),
-                  config=LocateConfig(max_samples=16, batch_size=8))
+                  config=LocateConfig(max_samples=16, batch_size=8, max_length=192))
     path = Path(args.out) / "mask.safetensors"
     mask.save(path)
     return str(path)
