@@ -6,7 +6,9 @@ Tiers of use:
 
 1. One line in a Trainer / TRL script: ``callbacks=[SSAHCallback("mask.safetensors")]``.
 2. Custom loops: ``SSAHOptimizer(optimizer, model, "mask.safetensors")``.
-3. Building blocks: :class:`Mask`, :func:`describe_units`, :class:`FreezeEngine`, :func:`plan_frozen_slices`.
+3. Locate / verify / evaluate from Python: ``from ssah_plugin.locate import locate`` (the submodule shares the
+   function's name, so the function is not re-exported here), :func:`verify_checkpoint`, :func:`evaluate_checkpoint`.
+4. Building blocks: :class:`Mask`, :func:`describe_units`, :class:`FreezeEngine`, :func:`plan_frozen_slices`.
 """
 from ._version import __version__
 from .errors import (
@@ -29,6 +31,10 @@ __all__ = [
     "SSAHCallback",
     "SSAHOptimizer",
     "deepspeed_enforce",
+    "LocateConfig",
+    "verify_checkpoint",
+    "RefusalJudge",
+    "evaluate_checkpoint",
     "Mask",
     "ArchSpec",
     "register_architecture",
@@ -46,14 +52,20 @@ __all__ = [
 ]
 
 
+# Names whose modules import transformers / generation code (seconds): loaded on first access.
+_LAZY = {
+    "SSAHCallback": "callback",
+    "deepspeed_enforce": "_deepspeed",  # raw deepspeed.initialize users; DeepSpeed itself is imported lazily
+    "LocateConfig": "locate",
+    "verify_checkpoint": "verify",
+    "RefusalJudge": "judge",
+    "evaluate_checkpoint": "evaluate",
+}
+
+
 def __getattr__(name: str):
-    # The callback imports transformers (seconds); load it only when asked for.
-    if name == "SSAHCallback":
-        from .callback import SSAHCallback
+    if name in _LAZY:
+        import importlib
 
-        return SSAHCallback
-    if name == "deepspeed_enforce":  # raw deepspeed.initialize users; DeepSpeed itself is imported lazily
-        from ._deepspeed import deepspeed_enforce
-
-        return deepspeed_enforce
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'ssah_plugin' has no attribute {name!r}")
