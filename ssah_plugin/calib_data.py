@@ -83,6 +83,9 @@ def _read_file(path: Path) -> list[dict]:
 
             with open(path, encoding="utf-8", newline="") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix == ".txt":  # one prompt per line
+            with open(path, encoding="utf-8") as f:
+                return [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
         if suffix == ".parquet":
             from .errors import require
 
@@ -91,7 +94,7 @@ def _read_file(path: Path) -> list[dict]:
             return pd.read_parquet(path).to_dict(orient="records")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read calibration data {str(path)!r}: {exc}") from None
-    raise DataError(f"{str(path)!r}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    raise DataError(f"{str(path)!r}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
 
 
 def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) -> list[dict]:
@@ -118,7 +121,7 @@ def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) 
             if path.is_dir():
                 raise DataError(f"{name!r} is a folder; pass a .jsonl/.json/.csv/.parquet file")
             rows = _read_file(path)
-        elif text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv"):
+        elif text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv", ".txt"):
             raise DataError(f"calibration data file {name!r} does not exist")
         else:
             rows = _load_hub_dataset(text, split)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .data import shipped_data_path
+from .calib_data import load_rows, pairs_from_rows, prompts_from_rows
 from .errors import DataError, SSAHError
 from .generation import Prompt, chat_pair_ids, generate
 from .judge import RefusalJudge
@@ -56,43 +56,6 @@ Pair = tuple[str, str]
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); every line must be one JSON object") from None
-    return rows
-
-
-def _read_rows(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist; pass a .jsonl/.json/.txt file or a shipped name "
-                        f"({HARMFUL_DEFAULT}, advbench:calib, {BENIGN_HELDOUT}, benign:all)")
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows")
-        return data
-    if path.suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json or .txt")
-
-
-def _instruction(row: Mapping) -> str:
-    text = row.get("instruction", "")
-    extra = row.get("input", "")
-    return f"{text}\n\n{extra}" if extra else text
-
-
 def benign_split(rows: Sequence, split: str = "heldout") -> list:
     """The held-out (``i % 10 == 9``) or training (the rest) rows of the shipped benign data, in order."""
     if split == "heldout":
@@ -103,10 +66,9 @@ def benign_split(rows: Sequence, split: str = "heldout") -> list:
 
 
 def load_harmful(source: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
-    """Harmful prompts from a shipped name (``advbench:eval``, ``advbench:calib``, ``advbench:all``) or a file.
-
-    Files: ``.jsonl``/``.json`` rows with a ``prompt`` (or ``goal``/``instruction``) field, or ``.txt`` with one
-    prompt per line.
+    """Harmful prompts from a shipped name (``advbench:eval``, ``advbench:calib``, ``advbench:all``) or a source
+    :func:`ssah_plugin.calib_data.load_rows` reads (``.jsonl``/``.json``/``.csv``/``.parquet`` rows with a ``prompt``
+    (or ``goal``/``instruction``) field, ``.txt`` with one prompt per line, ``shipped:NAME``, a ``datasets`` name).
     """
     source = HARMFUL_DEFAULT if source is None else source
     if isinstance(source, str) and source.startswith("advbench"):
@@ -114,18 +76,10 @@ def load_harmful(source: str | os.PathLike | None = None, limit: int | None = No
         split = split or "eval"
         if split not in ("eval", "calib", "all"):
             raise DataError(f"unknown AdvBench split {split!r}; use advbench:eval, advbench:calib or advbench:all")
-        rows = [r for r in _read_jsonl(shipped_data_path("advbench.jsonl")) if split == "all" or r["split"] == split]
+        rows = [r for r in load_rows("shipped:advbench.jsonl") if split == "all" or r["split"] == split]
     else:
-        rows = _read_rows(Path(source))
-    prompts = []
-    for i, r in enumerate(rows):
-        if isinstance(r, str):
-            prompts.append(r)
-        elif isinstance(r, Mapping) and any(k in r for k in ("prompt", "goal", "instruction")):
-            prompts.append(r.get("prompt") or r.get("goal") or _instruction(r))
-        else:
-            what = list(r) if isinstance(r, Mapping) else type(r).__name__
-            raise DataError(f"{source}: row {i} has no 'prompt' field (has: {what})")
+        rows = load_rows(source)
+    prompts = prompts_from_rows(rows, where=f"harmful prompts {str(source)!r}")
     prompts = prompts[:limit] if limit is not None else prompts
     if not prompts:
         raise DataError(f"no harmful prompts in {str(source)!r}")
@@ -133,30 +87,21 @@ def load_harmful(source: str | os.PathLike | None = None, limit: int | None = No
 
 
 def load_benign(source: str | os.PathLike | None = None, limit: int | None = None) -> list[Pair]:
-    """(prompt, response) pairs from ``benign:heldout`` (default), ``benign:train``, ``benign:all`` or a file.
-
-    File rows need ``prompt``/``response`` or ``instruction`` (+ optional ``input``)/``output`` fields.
+    """(prompt, response) pairs from ``benign:heldout`` (default), ``benign:train``, ``benign:all`` or a source
+    :func:`ssah_plugin.calib_data.load_rows` reads (rows with ``prompt``/``response`` or ``instruction`` (+ optional
+    ``input``)/``output`` fields, or chat ``messages``).
     """
     source = BENIGN_HELDOUT if source is None else source
     if isinstance(source, str) and source.startswith("benign:"):
         split = source.partition(":")[2]
-        rows = _read_jsonl(shipped_data_path("benign_instructions.jsonl"))
         if split not in ("all", "heldout", "train"):
             raise DataError(f"unknown benign split {split!r}; use benign:heldout, benign:train or benign:all")
+        rows = load_rows("shipped:benign_instructions.jsonl")
         if split != "all":
             rows = benign_split(rows, split)
     else:
-        rows = _read_rows(Path(source))
-    pairs: list[Pair] = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, Mapping):
-            raise DataError(f"{source}: row {i} is not an object with prompt/response fields")
-        if "prompt" in r and "response" in r:
-            pairs.append((r["prompt"], r["response"]))
-        elif "instruction" in r and "output" in r:
-            pairs.append((_instruction(r), r["output"]))
-        else:
-            raise DataError(f"{source}: row {i} needs 'prompt'+'response' or 'instruction'+'output' (has {list(r)})")
+        rows = load_rows(source)
+    pairs = pairs_from_rows(rows, where=f"benign data {str(source)!r}")
     pairs = pairs[:limit] if limit is not None else pairs
     if not pairs:
         raise DataError(f"no benign pairs in {str(source)!r}")
@@ -267,10 +212,7 @@ def attack_success_rate(
 # ---------------------------------------------------------------------------------------------------- utility
 def _pair_ids(tokenizer, pair, system: str | None, max_length: int) -> tuple[list[int], list[int], bool]:
     if isinstance(pair, Mapping):
-        if "prompt" in pair:
-            prompt, response = pair["prompt"], pair["response"]
-        else:
-            prompt, response = _instruction(pair), pair["output"]
+        (prompt, response), = pairs_from_rows([dict(pair)], where="benign data")
     else:
         prompt, response = pair
     p, r = chat_pair_ids(tokenizer, prompt, response, system)

@@ -115,14 +115,18 @@ def test_loaders_read_files_and_reject_bad_rows(tmp_path):
     assert ev.load_benign(bj) == [("i\n\nin", "o"), ("p", "r")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match="bad.jsonl:1"):
+    with pytest.raises(DataError, match="bad.jsonl: line 1"):
         ev.load_harmful(bad)
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(DataError, match="prompt"):
         ev.load_harmful(nofield)
-    with pytest.raises(DataError, match="response"):
+    with pytest.raises(DataError, match="no prompt field"):
         ev.load_benign(nofield)
+    noresp = tmp_path / "noresp.jsonl"
+    noresp.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(DataError, match="no response field"):
+        ev.load_benign(noresp)
     with pytest.raises(DataError, match="does not exist"):
         ev.load_harmful(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="split"):
