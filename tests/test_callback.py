@@ -22,13 +22,6 @@ from ssah_plugin.tiny import TINY_FAMILIES, tiny_model
 MAX_GRAD_NORM = 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _dataset(n: int = 24, seq: int = 16) -> Dataset:
     ids = torch.randint(3, 500, (n, seq), generator=torch.Generator().manual_seed(0)).tolist()

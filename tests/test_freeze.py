@@ -10,13 +10,6 @@ from ssah_plugin.resolve import FrozenSlice
 from ssah_plugin.tiny import tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def setup():

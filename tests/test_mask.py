@@ -22,13 +22,6 @@ from make_golden import FROZEN, GOLDEN, LIBRARY_VERSION, build_golden_mask  # no
 UNITS = {"model.layers.0.mlp": [1, 2, 100], "model.layers.1.self_attn": [0, 31]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def llama():

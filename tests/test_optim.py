@@ -14,13 +14,6 @@ UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 
          "model.layers.1.mlp": [64], "model.layers.1.self_attn": [0, 63]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _batches(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
