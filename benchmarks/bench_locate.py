@@ -170,7 +170,7 @@ def main() -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        lines = [f"# locate statistics overhead, interleaved in one process", "", f"Command: `{res['command']}`", "",
+        lines = ["# locate statistics overhead, interleaved in one process", "", f"Command: `{res['command']}`", "",
                  f"{res['tokens']} tokens per pass; {args.threads} thread(s); CPU time per pass (seconds):", "",
                  "| pass | " + " | ".join(f"round {i}" for i in range(args.rounds)) + " |",
                  "|---|" + "---|" * args.rounds]
@@ -241,7 +241,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# locate benchmark", "", f"Command: `{result['command']}`", "", f"Model: {result['model']}.",
+    lines = ["# locate benchmark", "", f"Command: `{result['command']}`", "", f"Model: {result['model']}.",
              f"Data: {result['data']}; {result['tokens']} tokens, {result['counted_tokens']} counted (response).",
              f"Machine: {result['machine']}.", "",
              "| mode | wall s (median) | min..max | CPU s (median) | peak RSS MiB |", "|---|---|---|---|---|"]
