@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--max-len", type=int, default=192, help="tokens per training sequence (prompt + reply)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--freeze-non-units", action="store_true",
+                   help="fine-tuning: also freeze every parameter that belongs to no unit (embeddings, lm_head, "
+                        "q/k projections, norms) with requires_grad=False (diagnostic; not what the plugin does)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: under the shared load, 2 threads ran 2.7x slower, see README)")
     p.add_argument("--seed", type=int, default=0)
@@ -411,6 +414,18 @@ def st_finetune(args: argparse.Namespace, data: str, policy: str) -> dict:
         if policy != "none":
             mask_path = need(args, "locate")["mask"]
             callbacks.append(SSAHCallback(mask_path, policy=policy))
+        non_unit_frozen = 0
+        if args.freeze_non_units:
+            from ssah_plugin.mask import Mask
+            from ssah_plugin.resolve import plan_frozen_slices
+
+            m = Mask.load(need(args, "locate")["mask"])
+            m.stored["_all"] = [torch.ones(g.n_units, dtype=torch.bool) for g in m.groups]
+            owned = {sl.name for sl in plan_frozen_slices(m, model, "_all")}
+            for n, prm in model.named_parameters():
+                if n not in owned:
+                    prm.requires_grad_(False)
+                    non_unit_frozen += prm.numel()
         targs = TrainingArguments(
             output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -429,7 +444,8 @@ def st_finetune(args: argparse.Namespace, data: str, policy: str) -> dict:
         res = {"data": data, "policy": policy, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
                "lr": args.lr, "train_rows": len(ds), "train_s": round(train_s, 1),
                "s_per_step": round(train_s / max(1, args.steps), 2), "train_loss": losses,
-               "checkpoint": str(ckpt)}
+               "checkpoint": str(ckpt), "freeze_non_units": args.freeze_non_units,
+               "non_unit_elements_frozen": non_unit_frozen}
         if callbacks:
             res["plugin"] = _jsonable(callbacks[0].summary)
             free(trainer, model)
