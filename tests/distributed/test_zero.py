@@ -20,11 +20,11 @@ LAUNCHES: dict[str, list[str]] = {
     "zero2": ["trainer-z2-fp32", "trainer-z2-fp32-control", "trainer-z2-bf16-dsopt", "sft-z2-bf16", "dpo-z2-fp32",
               "sft-z2-bf16-lora", "raw-z2-fp32", "trainer-z2-bf16-resume", "trainer-z2-fp32-offload",
               "trainer-z2-fp32-ssahopt", "trainer-z2-fp32-ssahopt-dsopt", "raw-z2-fp32-offload", "raw-z0-bf16",
-              "raw-z0-fp32"],
+              "raw-z0-fp32", "sft-z2-fp32", "dpo-z2-bf16"],
     "zero3": ["trainer-z3-bf16", "sft-z3-fp32", "dpo-z3-bf16", "sft-z3-fp32-lora", "raw-z3-bf16-resume",
-              "trainer-z3-fp32-resume", "sft-z3-bf16-gc"],
+              "trainer-z3-fp32-resume", "sft-z3-bf16-gc", "dpo-z3-fp32"],
     "zero1_ddp": ["trainer-ddp-fp32", "sft-ddp-bf16", "trainer-z1-fp32", "trainer-z1-bf16", "sft-z1-bf16",
-                  "dpo-z1-fp32"],
+                  "dpo-z1-fp32", "trainer-ddp-bf16", "sft-ddp-fp32", "dpo-ddp-fp32", "sft-z1-fp32", "dpo-z1-bf16"],
 }
 REFUSED = {
     "trainer-z2-fp32-offload": "offload",

@@ -64,6 +64,9 @@ def reset_hosts() -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    # TrainingArguments(deepspeed=...) exports this for accelerate; a later DDP scenario in the same process
+    # would otherwise be built as a DeepSpeed job.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     gc.collect()
