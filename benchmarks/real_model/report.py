@@ -51,15 +51,19 @@ def collect(root: Path, extra_roots: list[Path] = ()) -> dict:
     base = _load(root, "baseline")
     loc = _load(root, "locate")
     rows = []
-    todo = [(root, stage, label, ev) for stage, label, ev in ROWS]
+    todo = [(root, stage, label, ev) for stage, label, ev in ROWS
+            if not stage.startswith("ft-") or (root / stage.replace("+", "_")).exists()]
     for extra in extra_roots:
-        todo += [(extra, stage, label, ev) for stage, label, ev in ROWS if stage.startswith("ft-")]
+        todo += [(extra, stage, label, ev) for stage, label, ev in ROWS
+                 if stage.startswith("ft-") and (extra / stage.replace("+", "_")).exists()]
     for where, stage, label, eval_stage in todo:
         lr_tag = ""
         st = _load(where, stage)
         ev = _load(where, eval_stage) if eval_stage else st
         if stage.startswith("ft-"):
             lr_tag = f", lr {st['lr']:g}" if st is not None else f" ({where.name})"
+            if st is not None and st.get("freeze_non_units"):
+                lr_tag += ", non-unit params also frozen (diagnostic)"
         row: dict = {"stage": stage, "root": str(where), "label": label + lr_tag, "finished": ev is not None}
         if st is not None and stage.startswith("ft-"):
             row.update(policy=st["policy"], steps=st["steps"], lr=st["lr"], batch=st["batch"], max_len=st["max_len"],
