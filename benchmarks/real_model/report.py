@@ -22,6 +22,7 @@ ROWS = [
     ("ft-harmful-none", "harmful FT, no plugin", "eval-ft-harmful-none"),
     ("ft-harmful-scu+cu6", "harmful FT, plugin (i) scu+cu6", "eval-ft-harmful-scu+cu6"),
     ("ft-harmful-scu+cu", "harmful FT, plugin (ii) scu+cu", "eval-ft-harmful-scu+cu"),
+    ("ft-harmful-ru-only", "harmful FT, plugin ru-only (only RU train)", "eval-ft-harmful-ru-only"),
     ("ft-benign-none", "benign FT, no plugin", "eval-ft-benign-none"),
     ("ft-benign-scu+cu6", "benign FT, plugin (i) scu+cu6", "eval-ft-benign-scu+cu6"),
     ("ft-benign-scu+cu", "benign FT, plugin (ii) scu+cu", "eval-ft-benign-scu+cu"),
@@ -140,21 +141,24 @@ def plot(data: dict, path: Path) -> None:
     rows = [r for r in data["rows"] if r["finished"]]
     if not rows:
         return
-    labels = [r["label"].replace(", ", ",\n", 1) for r in rows]
+    labels = [r["label"] for r in rows]
     colors = ["#888888" if r["stage"] == "baseline" else "#c44e52" if r["stage"].startswith("ablate") else
               "#4c72b0" if r.get("policy") == "none" else "#55a868" for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.38 * len(rows)), sharey=True,
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(rows)))[::-1]
     ref = [100 * r["refusal_rate"] for r in rows]
     err = [[100 * (r["refusal_rate"] - r["refusal_ci95"][0]) for r in rows],
            [100 * (r["refusal_ci95"][1] - r["refusal_rate"]) for r in rows]]
-    a1.bar(range(len(rows)), ref, yerr=err, color=colors, capsize=3)
-    a1.set_ylabel(f"refusal rate on AdvBench eval (%), n={rows[0]['n_prompts']}")
-    a1.set_ylim(0, 105)
-    a2.bar(range(len(rows)), [r["benign_loss"] for r in rows], color=colors)
-    a2.set_ylabel("benign held-out loss (nats/token)")
-    for a in (a1, a2):
-        a.set_xticks(range(len(rows)))
-        a.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    a1.barh(y, ref, xerr=err, color=colors, capsize=2)
+    a1.axvline(ref[0], color="#888888", lw=0.8, ls="--")
+    a1.set_xlabel(f"refusal rate on AdvBench eval (%), n={rows[0]['n_prompts']}, 95% Wilson CI")
+    a1.set_xlim(0, 105)
+    a1.set_yticks(y)
+    a1.set_yticklabels(labels, fontsize=7)
+    a2.barh(y, [r["benign_loss"] for r in rows], color=colors)
+    a2.axvline(rows[0]["benign_loss"], color="#888888", lw=0.8, ls="--")
+    a2.set_xlabel("benign held-out loss (nats/token)")
     fig.suptitle("Qwen2.5-Coder-0.5B-Instruct: safety after fine-tuning, with and without ssah-plugin (CPU study)",
                  fontsize=9)
     fig.tight_layout()

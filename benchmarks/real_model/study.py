@@ -43,7 +43,7 @@ DEFAULT_MODEL = "/work/cache/qwen2.5-coder-0.5b-instruct"
 RESULTS = REPO / "benchmarks" / "results" / "real_model"
 
 DATASETS = ("harmful", "benign")
-POLICIES = ("none", "scu+cu6", "scu+cu")
+POLICIES = ("none", "scu+cu6", "scu+cu", "ru-only")
 ABLATIONS = ("scu", "ru-matched", "ru")  # each also as "<name>-out" (output column only)
 
 
