@@ -1,4 +1,7 @@
-"""``ssah-plugin demo``: the whole job end to end on the embedded default (tiny model, shipped data, ~1 minute).
+"""``ssah-plugin demo``: the whole job end to end on the embedded default (tiny model, shipped data).
+
+Measured: 5 min 16 s wall on the 2-core development machine while another job used one core.
+
 
 1. *toy alignment*: a tiny random Llama is taught, by SFT, to refuse shipped harmful prompts and to answer benign
    instructions, so it has safety behaviour to keep (a stand-in for a real aligned chat model);
