@@ -101,8 +101,8 @@ def collect(root: Path, extra_roots: list[Path] = ()) -> dict:
                                              "utility_samples", "config") if k in loc}
     calib = _load(root, "calib")
     if calib is not None:
-        out["calib"] = {k: calib[k] for k in ("calib_prompts", "refusals_kept", "distinct_refusals",
-                                              "most_common_refusals") if k in calib}
+        out["calib"] = {k: calib[k] for k in ("calib_prompts", "refusals_kept", "distinct_refusals") if k in calib}
+        out["calib"]["most_common_refusals_40_chars"] = [[t[:40], n] for t, n in calib.get("most_common_refusals", [])]
     return out
 
 
