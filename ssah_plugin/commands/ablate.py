@@ -11,7 +11,9 @@ EPILOG = """examples:
       --n-harmful 100 --n-benign 100 --max-new-tokens 128 --json > table1.json
   ssah-plugin ablate --model tiny:llama --mask /tmp/tiny.mask.safetensors --class SCU --n-harmful 4 --n-benign 4
 
-The model on disk is never changed: units are zeroed in memory and restored after each row.
+A unit is removed by zeroing its column of the output projection (down_proj / o_proj), which removes exactly its
+contribution; --all-slices also zeroes its input rows. The model on disk is never changed: units are zeroed in
+memory and restored after each row.
 """
 
 
@@ -27,9 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length (Wei et al. use 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--system", help="system prompt for every conversation")
-    p.add_argument("--output-only", action="store_true",
-                   help="zero only each unit's column of down_proj/o_proj (exact removal; by default every slice in "
-                        "the mask, which with grouped-query attention includes value rows shared with other heads)")
+    p.add_argument("--all-slices", action="store_true",
+                   help="zero every slice the mask lists for a unit (its input rows too) instead of only its column of "
+                        "down_proj/o_proj; with grouped-query attention this also hits value rows shared with other "
+                        "heads' units, i.e. removes more than the class")
     p.add_argument("--no-fingerprint-check", action="store_true", help="allow a mask made for other weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -50,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     harmful = load_harmful(args.harmful, limit=args.n_harmful)
     benign = load_benign(args.benign, limit=args.n_benign)
     rows = ablation_study(model, tok, mask, args.classes, harmful, benign, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, output_only=args.output_only, system=args.system,
+                          batch_size=args.batch_size, output_only=not args.all_slices, system=args.system,
                           progress=not args.no_progress)
     if args.json:
-        print(json.dumps({"model": args.model, "mask": args.mask, "output_only": args.output_only, "rows": rows},
+        print(json.dumps({"model": args.model, "mask": args.mask, "output_only": not args.all_slices, "rows": rows},
                          indent=2))
         return 0
     print(f"{'model':<8} {'removed':>16} {'ASR':>7} {'refusal':>8} {'benign loss':>12}")
