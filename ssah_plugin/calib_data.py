@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import DataError
 
-__all__ = ["Pair", "EncodedPair", "load_rows", "pairs_from_rows", "prompts_from_rows", "load_pairs", "encode_pairs",
+__all__ = ["Pair", "EncodedPair", "load_rows", "pairs_from_rows", "prompts_from_rows", "load_pairs", "encode_pairs", "sft_examples",
            "sample_rows", "text_id"]
 
 logger = logging.getLogger(__name__)
@@ -292,3 +292,23 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     if not out:
         raise DataError(f"{where}: no calibration examples")
     return out
+
+
+def sft_examples(tokenizer, pairs: Iterable[Pair], *, max_length: int,
+                 drop_unlabelled: bool = True) -> list[dict[str, list[int]]]:
+    """Supervised fine-tuning rows: chat-formatted ``input_ids`` cut to ``max_length``, ``labels`` -100 on the prompt.
+
+    Rows whose response was cut away entirely carry no loss and are dropped unless ``drop_unlabelled=False``. Pad a
+    batch with ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``.
+    """
+    from .generation import chat_pair_ids
+
+    rows = []
+    for prompt, response in pairs:
+        p_ids, r_ids = chat_pair_ids(tokenizer, prompt, response)
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
+        if drop_unlabelled and all(x == -100 for x in labels):
+            continue
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows

@@ -112,3 +112,20 @@ def test_own_refusals(monkeypatch):
     monkeypatch.setattr(gen, "generate", lambda m, t, prompts, **kw: ["Sure, here it is."] * len(prompts))
     with pytest.raises(DataError, match="none of the model's 3 replies"):
         locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
+
+
+def test_sft_examples_mask_prompt_and_drop_rows_without_response_tokens():
+    from ssah_plugin.calib_data import sft_examples
+    from ssah_plugin.generation import chat_pair_ids
+    from ssah_plugin.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    pairs = [("Add 2 and 3.", "The sum is 5."), ("x " * 200, "cut away")]
+    p_ids, r_ids = chat_pair_ids(tok, *pairs[0])
+    rows = sft_examples(tok, pairs, max_length=64)
+    assert len(rows) == 1  # the second prompt fills all 64 tokens: no response token left
+    assert rows[0]["input_ids"] == p_ids + r_ids
+    assert rows[0]["labels"] == [-100] * len(p_ids) + r_ids
+    assert rows[0]["attention_mask"] == [1] * len(p_ids + r_ids)
+    kept = sft_examples(tok, pairs, max_length=64, drop_unlabelled=False)
+    assert len(kept) == 2 and len(kept[1]["input_ids"]) == 64 and set(kept[1]["labels"]) == {-100}

@@ -6,11 +6,10 @@ three checkpoints side by side.
 import json
 
 import pytest
-import torch
 
 from ssah_plugin.cli import main
+from ssah_plugin.calib_data import sft_examples
 from ssah_plugin.evaluate import load_benign
-from ssah_plugin.generation import chat_pair_ids
 from ssah_plugin.tiny import tiny_model, tiny_tokenizer
 
 locate_mod = pytest.importorskip("ssah_plugin.locate")
@@ -19,42 +18,14 @@ transformers = pytest.importorskip("transformers")
 SHARD = "100KB"
 
 
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, tok, pairs, max_length=128):
-        self.items = []
-        for prompt, response in pairs:
-            p, r = chat_pair_ids(tok, prompt, response)
-            ids = (p + r)[:max_length]
-            labels = ([-100] * len(p) + r)[:max_length]
-            self.items.append({"input_ids": ids, "labels": labels})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def collate(batch):
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attn = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        attn[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
-
-
 def fine_tune(model, tok, out_dir, callbacks):
     args = transformers.TrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
         weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, seed=0,
     )
-    data = PairDataset(tok, load_benign("benign:train", limit=6))
+    data = sft_examples(tok, load_benign("benign:train", limit=6), max_length=128, drop_unlabelled=False)
+    collate = transformers.DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
                                    callbacks=callbacks)
     trainer.train()

@@ -361,28 +361,6 @@ def training_rows(args: argparse.Namespace, data: str) -> list[tuple[str | list,
     raise SystemExit(f"unknown fine-tuning data {data!r}; choose from {DATASETS}")
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Chat-formatted (prompt, reply) pairs; labels only on the reply tokens, truncated to ``max_len``."""
-
-    def __init__(self, tok, rows, max_len: int):
-        from ssah_plugin.generation import chat_pair_ids
-
-        self.items = []
-        for prompt, reply in rows:
-            p_ids, r_ids = chat_pair_ids(tok, prompt, reply)
-            ids = (p_ids + r_ids)[:max_len]
-            labels = ([-100] * len(p_ids) + r_ids)[:max_len]
-            if any(x != -100 for x in labels):
-                self.items.append((ids, labels))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        ids, labels = self.items[i]
-        return {"input_ids": ids, "labels": labels}
-
-
 def make_collator(pad_id: int):
     def collate(batch: list[dict]) -> dict:
         width = max(len(b["input_ids"]) for b in batch)
@@ -406,9 +384,10 @@ def st_finetune(args: argparse.Namespace, data: str, policy: str) -> dict:
         from transformers import Trainer, TrainingArguments
 
         from ssah_plugin import SSAHCallback
+        from ssah_plugin.calib_data import sft_examples
 
         model, tok = load(args.model)
-        ds = PairDataset(tok, training_rows(args, data), args.max_len)
+        ds = sft_examples(tok, training_rows(args, data), max_length=args.max_len)
         callbacks = []
         mask_path = None
         if policy != "none":

@@ -42,18 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _sft_rows(tokenizer, pairs, max_length: int = 96) -> list[dict]:
-    from ..generation import chat_pair_ids
-
-    rows = []
-    for prompt, response in pairs:
-        p_ids, r_ids = chat_pair_ids(tokenizer, prompt, response)
-        ids = (p_ids + r_ids)[:max_length]
-        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return rows
-
-
 def _train(model, tokenizer, rows, out: Path, steps: int, lr: float, seed: int, callbacks=None):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -71,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..callback import SSAHCallback
-    from ..calib_data import load_pairs, load_rows, prompts_from_rows
+    from ..calib_data import load_pairs, load_rows, prompts_from_rows, sft_examples
     from ..evaluate import attack_success_rate, benign_loss
     from ..judge import RefusalJudge
     from ..locate import LocateConfig, locate
@@ -97,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[1/5] toy alignment: SFT of a tiny {args.family} on {len(safety[:300])} refusals + "
           f"{len(align_benign)} benign answers, {args.align_steps} steps")
-    _train(model, tokenizer, _sft_rows(tokenizer, safety[:300] + align_benign), out / "align", args.align_steps,
-           3e-3, args.seed)
+    align_rows = sft_examples(tokenizer, safety[:300] + align_benign, max_length=96,
+                              drop_unlabelled=False)
+    _train(model, tokenizer, align_rows, out / "align", args.align_steps, 3e-3, args.seed)
     base_dir = out / "base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -111,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print("      " + ", ".join(f"{k} {v}" for k, v in overview["classes"].items())
           + f" units; policy {args.policy} freezes {100 * mask.frozen_fraction(args.policy):.1f}%")
 
-    rows = _sft_rows(tokenizer, tune_benign)
+    rows = sft_examples(tokenizer, tune_benign, max_length=96, drop_unlabelled=False)
     results: dict[str, dict] = {}
     for name, callbacks in (("plain", None), ("ssah", "callback")):
         print(f"[3/5] fine-tune on benign data, {args.tune_steps} steps, "
