@@ -22,6 +22,7 @@ COMMANDS = {
     "ablate": "ablate",
     "verify": "verify",
     "eval": "evaluate",
+    "refusals": "refusals",
 }
 
 
