@@ -23,6 +23,7 @@ from .errors import (
 from .freeze import FreezeEngine
 from .mask import Mask
 from .optim import SSAHOptimizer
+from .replay import with_refusal_replay
 from .resolve import FrozenSlice, plan_frozen_slices
 from .units import ArchSpec, describe_units, register_architecture
 
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "SSAHCallback",
     "SSAHOptimizer",
+    "with_refusal_replay",
     "deepspeed_enforce",
     "LocateConfig",
     "verify_checkpoint",
