@@ -37,6 +37,8 @@ __all__ = [
     "verify_checkpoint",
     "RefusalJudge",
     "evaluate_checkpoint",
+    "prefill_attack",
+    "framing_attack",
     "Mask",
     "ArchSpec",
     "register_architecture",
@@ -62,6 +64,8 @@ _LAZY = {
     "verify_checkpoint": "verify",
     "RefusalJudge": "judge",
     "evaluate_checkpoint": "evaluate",
+    "prefill_attack": "attacks",
+    "framing_attack": "attacks",
 }
 
 

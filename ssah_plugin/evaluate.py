@@ -30,14 +30,17 @@ from .calib_data import load_rows, pairs_from_rows, prompts_from_rows
 from .errors import DataError, SSAHError
 from .generation import Prompt, chat_pair_ids, generate
 from .judge import RefusalJudge
+from .stats import wilson_interval
 
 __all__ = [
     "attack_success_rate",
+    "false_refusal_rate",
     "benign_loss",
     "evaluate_checkpoint",
     "compare",
     "load_model",
     "load_harmful",
+    "harmful_rows",
     "load_benign",
     "benign_split",
     "BENIGN_HELDOUT",
@@ -65,20 +68,25 @@ def benign_split(rows: Sequence, split: str = "heldout") -> list:
     raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
 
 
-def load_harmful(source: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
-    """Harmful prompts from a shipped name (``advbench:eval``, ``advbench:calib``, ``advbench:all``) or a source
-    :func:`ssah_plugin.calib_data.load_rows` reads (``.jsonl``/``.json``/``.csv``/``.parquet`` rows with a ``prompt``
-    (or ``goal``/``instruction``) field, ``.txt`` with one prompt per line, ``shipped:NAME``, a ``datasets`` name).
-    """
+def harmful_rows(source: str | os.PathLike | None = None) -> list[dict]:
+    """The rows behind :func:`load_harmful` (AdvBench rows carry ``prompt``, ``target``, ``split``, ``id``)."""
     source = HARMFUL_DEFAULT if source is None else source
     if isinstance(source, str) and source.startswith("advbench"):
         _, _, split = source.partition(":")
         split = split or "eval"
         if split not in ("eval", "calib", "all"):
             raise DataError(f"unknown AdvBench split {split!r}; use advbench:eval, advbench:calib or advbench:all")
-        rows = [r for r in load_rows("shipped:advbench.jsonl") if split == "all" or r["split"] == split]
-    else:
-        rows = load_rows(source)
+        return [r for r in load_rows("shipped:advbench.jsonl") if split == "all" or r["split"] == split]
+    return load_rows(source)
+
+
+def load_harmful(source: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+    """Harmful prompts from a shipped name (``advbench:eval``, ``advbench:calib``, ``advbench:all``) or a source
+    :func:`ssah_plugin.calib_data.load_rows` reads (``.jsonl``/``.json``/``.csv``/``.parquet`` rows with a ``prompt``
+    (or ``goal``/``instruction``) field, ``.txt`` with one prompt per line, ``shipped:NAME``, a ``datasets`` name).
+    """
+    source = HARMFUL_DEFAULT if source is None else source
+    rows = harmful_rows(source)
     prompts = prompts_from_rows(rows, where=f"harmful prompts {str(source)!r}")
     prompts = prompts[:limit] if limit is not None else prompts
     if not prompts:
@@ -207,6 +215,42 @@ def attack_success_rate(
         "judge": judge.config(),
         "generation": {k: v for k, v in gen_kwargs.items() if k != "progress"},
     }
+
+
+def false_refusal_rate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    judge: RefusalJudge | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Over-refusal: the share of greedy replies to benign ``prompts`` that refuse.
+
+    A reply is a refusal when ``judge.is_refusal`` says so; the default judge is phrase-only
+    (``RefusalJudge(min_words=0)``: a short helpful answer such as "4" is not a refusal). Use held-out benign prompts
+    (e.g. the prompts of :func:`load_benign`), never ones the model was calibrated or fine-tuned on.
+
+    Returns:
+        ``{"n", "n_refused", "rate", "wilson95": [lo, hi], "refused": [0/1 per prompt], "matched", "replies",
+        "judge", "generation"}``.
+    """
+    judge = judge or RefusalJudge(min_words=0)
+    prompts = list(prompts)
+    if not prompts:
+        raise DataError("false_refusal_rate needs at least one benign prompt")
+    replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       system=system, progress=progress)
+    verdicts = [judge.verdict(r) for r in replies]
+    refused = [int(v.refusal) for v in verdicts]
+    n, k = len(prompts), sum(refused)
+    logger.info("false refusals: %d of %d benign prompts (%.1f%%)", k, n, 100.0 * k / n)
+    return {"n": n, "n_refused": k, "rate": k / n, "wilson95": list(wilson_interval(k, n)), "refused": refused,
+            "matched": [v.matched for v in verdicts], "replies": replies, "judge": judge.config(),
+            "generation": {"max_new_tokens": max_new_tokens, "system": system}}
 
 
 # ---------------------------------------------------------------------------------------------------- utility

@@ -17,7 +17,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["generate", "generate_ids", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
+__all__ = ["generate", "generate_ids", "generate_from_ids", "prompt_ids", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,6 @@ def generate(
     return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
 
-@torch.no_grad()
 def generate_ids(
     model,
     tokenizer,
@@ -152,26 +151,53 @@ def generate_ids(
     progress: bool = True,
 ) -> list[list[int]]:
     """Like :func:`generate`, but returns the new token ids of each reply, without the stop token."""
+    prompts = list(prompts)
+    encoded = [prompt_ids(tokenizer, p, system) for p in prompts]
+    return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress)
+
+
+def prompt_ids(tokenizer, prompt: Prompt, system: str | None = None) -> list[int]:
+    """Token ids of :func:`chat_prompt` (no special tokens added: the template already holds them)."""
+    return list(tokenizer(chat_prompt(tokenizer, prompt, system), add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy continuations of already tokenised inputs (e.g. a chat prompt plus a pre-filled reply start).
+
+    Same decoding as :func:`generate` (pure greedy, left padding, stop at the eos ids); returns the new token ids
+    of each input, in order, without the stop token. ``desc`` labels the progress bar.
+    """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
-    prompts = list(prompts)
-    if not prompts:
+    encoded = [list(e) for e in encoded]
+    if not encoded:
         return []
-    texts = [chat_prompt(tokenizer, p, system) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if any(not e for e in encoded):
+        raise DataError("generate_from_ids got an empty input; every input needs at least one token")
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     device = _device(model)
     was_training = model.training
     old_side = tokenizer.padding_side
-    out: list[list[int]] = [[] for _ in prompts]
+    out: list[list[int]] = [[] for _ in encoded]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False)
+        bar = tqdm(total=len(encoded), desc=desc, unit="prompt", leave=False)
     from transformers import GenerationConfig
 
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: generate reads the base's

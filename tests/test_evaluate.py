@@ -201,3 +201,41 @@ def test_load_model_merges_a_peft_adapter_folder(tmp_path):
     expected = lora.merge_and_unload().model.layers[0].mlp.down_proj.weight
     assert torch.equal(merged.model.layers[0].mlp.down_proj.weight, expected)
     assert tok.chat_template
+
+
+# ---------------------------------------------------------------------------------------------------- over-refusal + stats
+from ssah_plugin.stats import mcnemar_exact, rate_summary, wilson_interval  # noqa: E402
+
+
+def test_false_refusal_rate_phrase_only_judge(model_tok, monkeypatch):
+    model, tok = model_tok
+    replies = ["I'm sorry, I cannot help with that.", "4", "Here is a poem about the sea.", "Sorry"]
+    monkeypatch.setattr(ev, "generate", lambda m, t, prompts, **kw: list(replies))
+    res = ev.false_refusal_rate(model, tok, ["a", "b", "c", "d"], progress=False)
+    assert res["refused"] == [1, 0, 0, 1]  # a short answer ("4") is not a refusal: phrase-only judge
+    assert res["n"] == 4 and res["n_refused"] == 2 and res["rate"] == 0.5
+    assert res["wilson95"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert res["replies"] == replies and res["judge"]["min_words"] == 0
+    with pytest.raises(DataError):
+        ev.false_refusal_rate(model, tok, [], progress=False)
+    monkeypatch.undo()
+    real = ev.false_refusal_rate(model, tok, ["What is 2+2?", "Name a colour."], max_new_tokens=4, progress=False)
+    assert real["n"] == 2 and len(real["replies"]) == 2 and set(real["refused"]) <= {0, 1}
+
+
+def test_wilson_interval_and_mcnemar_exact():
+    lo, hi = wilson_interval(3, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.1078, 0.6032)  # by hand: (0.3 + z²/20 ± z·sqrt(0.021 + z²/400)) / (1 + z²/10)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(5, 3)
+    assert rate_summary([1, 0, 0, 1]) == {"n": 4, "k": 2, "rate": 0.5, "wilson95": list(wilson_interval(2, 4))}
+    m = mcnemar_exact([1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1])
+    assert (m["b10"], m["b01"], m["n_discordant"]) == (3, 1, 4)
+    assert m["p"] == pytest.approx(2 * (1 + 4) / 16)  # 2 * P(X <= 1), X ~ Bin(4, 1/2)
+    assert mcnemar_exact([0, 1], [0, 1])["p"] == 1.0
+    assert mcnemar_exact([1] * 12, [0] * 12)["p"] == pytest.approx(2 / 2 ** 12)
+    assert mcnemar_exact([1] * 1100, [0] * 1100)["p"] == 0.0  # exact integer arithmetic, no overflow
+    with pytest.raises(ValueError):
+        mcnemar_exact([1], [1, 0])
