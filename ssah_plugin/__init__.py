@@ -30,6 +30,7 @@ from .units import ArchSpec, describe_units, register_architecture
 __all__ = [
     "__version__",
     "SSAHCallback",
+    "TokenwiseConstraint",
     "SSAHOptimizer",
     "with_refusal_replay",
     "deepspeed_enforce",
@@ -59,6 +60,7 @@ __all__ = [
 # Names whose modules import transformers / generation code (seconds): loaded on first access.
 _LAZY = {
     "SSAHCallback": "callback",
+    "TokenwiseConstraint": "constrained",  # Qi et al. 2024 Eq. 3 as compute_loss_func + callback
     "deepspeed_enforce": "_deepspeed",  # raw deepspeed.initialize users; DeepSpeed itself is imported lazily
     "LocateConfig": "locate",
     "verify_checkpoint": "verify",
