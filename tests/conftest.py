@@ -21,3 +21,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The seeded tiny Llama and the tiny chat tokenizer, shared read-only (copy the model before changing it)."""
+    from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+
+    return tiny_model("llama"), tiny_tokenizer()

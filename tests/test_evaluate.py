@@ -239,3 +239,71 @@ def test_wilson_interval_and_mcnemar_exact():
     assert mcnemar_exact([1] * 1100, [0] * 1100)["p"] == 0.0  # exact integer arithmetic, no overflow
     with pytest.raises(ValueError):
         mcnemar_exact([1], [1, 0])
+
+
+# ---------------------------------------------------------------------------------------------------- deep evaluation
+def test_eval_cli_deep_report_side_by_side(tmp_path, capsys, caplog):
+    out = tmp_path / "deep"
+    with caplog.at_level(logging.DEBUG):
+        rc = main(["eval", "--model", "tiny:llama", "--model", "tiny:llama", "--name", "base", "--name", "same",
+                   "--deep", "--limit", "2", "--max-new-tokens", "3", "--refusal-max-new-tokens", "3",
+                   "--kl-tokens", "2", "--prefill-k", "0,2,full", "--framing-ids", "research,fiction",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert all((out / f).is_file() for f in ("eval.md", "eval.json", "eval.png", "deep.png"))
+    md, js = (out / "eval.md").read_text(), (out / "eval.json").read_text()
+    for p in ev.load_harmful(limit=2):  # harmful text never in the report, the JSON, stdout or the logs
+        assert p not in md and p not in js and p not in printed and p not in caplog.text
+    rows = json.loads(js)
+    deep = rows[1]["deep"]
+    assert deep["prefill"]["ks"] == [0, 2, "full"] and set(deep["prefill"]["per_k"]) == {"0", "2", "full"}
+    assert deep["prefill"]["per_k"]["2"]["n"] == 2 and "continuations" not in deep["prefill"]["per_k"]["2"]
+    assert deep["framing"]["framings"] == ["plain", "research", "fiction"]
+    assert deep["framing"]["per_framing"]["fiction"]["n"] == 2 and deep["over_refusal"]["n"] == 2
+    assert rows[0]["deep"]["kl"] is None and deep["kl"]["kl"] == [0.0, 0.0]  # identical weights
+    assert deep["direction"]["kept"][0] is None  # NaN (zero base gap at the embeddings) written as null
+    assert deep["direction"]["kept"][1:] == pytest.approx([1.0] * (len(deep["direction"]["kept"]) - 1), rel=1e-4)
+    paired = rows[1]["paired_vs_base"]
+    assert {p["measure"] for p in paired} >= {"prefill ASR, K=2", "framing flip", "over-refusal"}
+    assert all(p["b01"] == p["b10"] == 0 and p["p"] == 1.0 for p in paired)
+    for section in ("## Prefill attack", "K=full", "## Motive framing", "## Over-refusal", "## Judge-free depth",
+                    "## Paired with the base"):
+        assert section in md and section in printed
+
+
+def test_eval_cli_deep_usage_errors(tmp_path, capsys):
+    nof = tmp_path / "nof.jsonl"
+    nof.write_text(json.dumps({"prompt": "a"}) + "\n")
+    base = ["eval", "--model", "tiny:llama", "--no-progress", "--limit", "1"]
+    assert main(base + ["--prefill-k", "0"]) == 2
+    assert "needs --attack" in capsys.readouterr().err
+    assert main(base + ["--attack", "prefill", "--harmful", str(nof)]) == 2
+    assert "target / response field" in capsys.readouterr().err
+    assert main(base + ["--attack", "prefill", "--prefill-k", "500"]) == 2
+    assert "longer than the target of prompt 0" in capsys.readouterr().err
+    assert main(base + ["--attack", "framing", "--framings", str(tmp_path / "missing.json")]) == 2
+    assert main(base + ["--attack", "framing", "--framing-ids", "nope"]) == 2
+    with pytest.raises(SystemExit):
+        main(base + ["--attack", "prefill", "--prefill-k", "0,x"])
+
+
+def test_deep_compare_api_and_markdown(tiny_llama, tmp_path):
+    from ssah_plugin.deep_eval import DeepConfig, deep_compare
+    from ssah_plugin.report import deep_markdown, write_report
+
+    model, tok = tiny_llama
+    cfg = DeepConfig(attacks=("prefill",), ks=(0, 1), depth=False, over_refusal=False, max_new_tokens=2,
+                     progress=False)
+    rows = deep_compare([("a", model, tok), ("b", model, tok)], limit=2, cfg=cfg)
+    assert [r["name"] for r in rows] == ["a", "b"] and rows[0]["paired_vs_base"] == []
+    assert [p["measure"] for p in rows[1]["paired_vs_base"]] == ["prefill ASR, K=0", "prefill ASR, K=1"]
+    files = write_report(rows, tmp_path)
+    assert "png" not in files and files["deep_png"].read_bytes()[:4] == b"\x89PNG"
+    fake = [{"name": "x", "deep": {"prefill": {"ks": [0], "per_k": {"0": {"n": 4, "asr": 0.25,
+                                                                         "wilson95": [0.1, 0.5]}}}}}]
+    assert "| x | 25.0% [10.0, 50.0] | 4 |" in deep_markdown(fake)
+    with pytest.raises(DataError, match="unknown attack"):
+        DeepConfig(attacks=("nope",))
+    with pytest.raises(DataError, match="nothing to run"):
+        DeepConfig(attacks=(), depth=False, over_refusal=False)

@@ -1,4 +1,6 @@
-"""``ssah-plugin eval``: attack success rate and benign loss of one or several checkpoints, side by side.
+"""``ssah-plugin eval``: attack success rate and benign loss of one or several checkpoints, side by side; with
+``--attack prefill --attack framing --depth --over-refusal`` (or ``--deep``) also the deep safety evaluation of
+:mod:`ssah_plugin.deep_eval` (the first ``--model`` is the base).
 
 Harmful prompts and replies are never printed; only counts and rates. ``--save-responses`` writes them to
 ``--out``/responses.jsonl for inspection (harmful text: keep that file out of logs and CI artefacts).
@@ -15,11 +17,35 @@ EPILOG = """\
 examples:
   ssah-plugin eval --model Qwen/Qwen2.5-0.5B-Instruct --model out/ft-plain --model out/ft-frozen --out eval/
   ssah-plugin eval --model tiny:llama --limit 4 --max-new-tokens 16 --out /tmp/eval   # smoke test, no download
+  ssah-plugin eval --model BASE --model TUNED --attack prefill --attack framing --depth --over-refusal --out eval/
+  ssah-plugin eval --model BASE --model TUNED --deep --prefill-k 0,5,full --framings my_framings.json --out eval/
 
 data: --harmful advbench:eval (default, AdvBench ids 0-99) | advbench:calib | advbench:all | FILE(.jsonl/.json/.txt)
       --benign  benign:heldout (default, shipped rows i % 10 == 9) | benign:all | FILE(.jsonl/.json)
-writes (with --out): eval.md, eval.json, eval.png (+ responses.jsonl with --save-responses).
+writes (with --out): eval.md, eval.json, eval.png (+ deep.png with a deep part, + responses.jsonl with
+--save-responses).
+deep part: the first --model is the base (its refusal direction and greedy replies are the reference; it stays
+loaded while the others are evaluated); every 0/1 outcome is paired with the base's by an exact McNemar test.
 """
+
+
+def _ks(text: str) -> tuple:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "full":
+            out.append("full")
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"K must be an integer or 'full', got {part!r}") from None
+        if k < 0:
+            raise argparse.ArgumentTypeError(f"K must be >= 0, got {k}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one K")
+    return tuple(out)
 
 
 def _positive(text: str) -> int:
@@ -60,6 +86,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="write eval.md, eval.json and eval.png here")
     parser.add_argument("--save-responses", action="store_true",
                         help="also write the full harmful prompts and replies to DIR/responses.jsonl")
+    deep = parser.add_argument_group("deep safety evaluation (the first --model is the base)")
+    deep.add_argument("--attack", action="append", choices=["prefill", "framing"], default=None,
+                      help="prefill: ASR vs K pre-filled target tokens; framing: ASR under motive framings and the "
+                      "flip rate (repeat for both)")
+    deep.add_argument("--depth", action="store_true",
+                      help="judge-free signals: refusal log-odds, reply KL to the base, refusal direction kept")
+    deep.add_argument("--over-refusal", action="store_true", help="false-refusal rate on held-out benign prompts")
+    deep.add_argument("--deep", action="store_true", help="all of the above")
+    deep.add_argument("--prefill-k", type=_ks, default=None, metavar="K,K,...",
+                      help="prefill lengths in target tokens (default 0,5,10,20,full)")
+    deep.add_argument("--framings", default=None, metavar="FILE",
+                      help="JSON file of extra framings ([{id, template with {prompt}}]); added to the shipped ones")
+    deep.add_argument("--framing-ids", default=None, metavar="ID,ID,...", help="use only these framings")
+    deep.add_argument("--kl-tokens", type=_positive, default=16, help="reply positions for the KL (default 16)")
+    deep.add_argument("--refusal-max-new-tokens", type=_positive, default=48,
+                      help="new tokens per benign reply for the over-refusal rate (default 48)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -80,25 +122,41 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--save-responses needs --out DIR")
     if args.min_words < 0:
         raise DataError("--min-words must be >= 0")
+    from ..model_path import check_model_path  # every --model checked before any is loaded
+    list(map(check_model_path, args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = args.name or args.model
     judge = RefusalJudge(args.judge, min_words=args.min_words, normalize_apostrophes=not args.exact_apostrophes)
     from ..evaluate import load_model
 
-    results = []
+    cfg, data = _deep_setup(args, judge)
+    results, base = [], None
     for name, spec in zip(names, args.model):
         model, tok = load_model(spec, dtype=args.dtype, device=device)
         results += compare([(name, model, tok)], harmful=args.harmful, benign=args.benign, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
                            system=args.system, judge=judge, progress=not args.no_progress,
                            safety=not args.no_safety, utility=not args.no_utility)
-        for r in results[-1:]:
-            r["model"] = spec
+        results[-1]["model"] = spec
+        if cfg is not None:
+            from ..deep_eval import deep_evaluate, paired_vs_base
+
+            results[-1]["deep"], state = deep_evaluate(model, tok, data, cfg, base)
+            if base is None:
+                base, base_row = state, results[-1]
+                results[-1]["paired_vs_base"] = []
+            else:
+                results[-1]["paired_vs_base"] = paired_vs_base(base_row["deep"], results[-1]["deep"])
+                del state
         del model, tok
     if args.json:
         print(json.dumps(results_json(results), indent=2))
     else:
         print(markdown_table(results))
+        if cfg is not None:
+            from ..report import deep_markdown
+
+            print(deep_markdown(results))
     if args.out:
         with warnings.catch_warnings():  # the warning about responses.jsonl is printed below, once
             warnings.simplefilter("ignore", UserWarning)
@@ -108,3 +166,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {files['responses']} contains full replies to harmful prompts; keep it out of logs "
                   "and CI artefacts", file=sys.stderr)
     return 0
+
+
+def _deep_setup(args: argparse.Namespace, judge):
+    """The deep-evaluation config and data, or ``(None, None)`` when no deep option is given (checked before any
+    model is loaded, so that a bad data file or option fails at once)."""
+    from ..deep_eval import DeepConfig, load_deep_data
+    from ..errors import DataError
+
+    attacks = ("prefill", "framing") if args.deep else tuple(dict.fromkeys(args.attack or ()))
+    depth, over = args.deep or args.depth, args.deep or args.over_refusal
+    if not (attacks or depth or over):
+        for flag in ("prefill_k", "framings", "framing_ids"):
+            if getattr(args, flag) is not None:
+                raise DataError(f"--{flag.replace('_', '-')} needs --attack or --deep")
+        return None, None
+    framings = None
+    if "framing" in attacks:
+        from ..attacks import load_framings
+
+        ids = [x.strip() for x in args.framing_ids.split(",") if x.strip()] if args.framing_ids else None
+        framings = load_framings(args.framings, ids=ids)
+    from ..attacks import DEFAULT_KS
+
+    cfg = DeepConfig(attacks=attacks, ks=args.prefill_k or DEFAULT_KS, framings=framings, depth=depth,
+                     over_refusal=over, kl_tokens=args.kl_tokens, max_new_tokens=args.max_new_tokens,
+                     refusal_max_new_tokens=args.refusal_max_new_tokens, batch_size=args.batch_size,
+                     system=args.system, judge=judge, progress=not args.no_progress)
+    return cfg, load_deep_data(args.harmful, args.benign, args.limit, targets="prefill" in attacks)
