@@ -286,7 +286,7 @@ def framing_attack(
         raise DataError("framing_attack needs at least one prompt")
     rows = expand_framings(prompts, framings)
     replies = generate(model, tokenizer, [r["text"] for r in rows], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, system=system, progress=progress)
+                       batch_size=batch_size, system=system, progress=progress, desc="framing")
     ids = [PLAIN] + [f.id for f in framings]
     per: dict[str, Any] = {}
     for fid in ids:

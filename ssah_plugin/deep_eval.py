@@ -121,7 +121,7 @@ def deep_evaluate(model, tokenizer, data: dict, cfg: DeepConfig, base: dict | No
                                                  system=cfg.system, **common)
             state["direction"] = out["direction"]
             state["replies"] = generate_ids(model, tokenizer, data["harmful"], max_new_tokens=cfg.kl_tokens,
-                                            system=cfg.system, **common)
+                                            system=cfg.system, desc="base replies (KL)", **common)
         else:
             out["direction"] = direction_kept(model, tokenizer, base["direction"], data["harmful"], data["benign"],
                                               system=cfg.system, **common)

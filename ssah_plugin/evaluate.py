@@ -243,7 +243,7 @@ def false_refusal_rate(
     if not prompts:
         raise DataError("false_refusal_rate needs at least one benign prompt")
     replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       system=system, progress=progress)
+                       system=system, progress=progress, desc="over-refusal")
     verdicts = [judge.verdict(r) for r in replies]
     refused = [int(v.refusal) for v in verdicts]
     n, k = len(prompts), sum(refused)

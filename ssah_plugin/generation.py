@@ -113,6 +113,7 @@ def generate(
     batch_size: int = 8,
     system: str | None = None,
     progress: bool = True,
+    desc: str = "generate",
 ) -> list[str]:
     """Greedy replies to ``prompts``, in order, as decoded text without the prompt or special tokens.
 
@@ -124,7 +125,7 @@ def generate(
         batch_size: prompts per ``generate`` call. Prompts are sorted by length to reduce padding; the output order
             is that of ``prompts``.
         system: optional system message, put before each prompt that has none.
-        progress: show a progress bar over batches.
+        progress: show a progress bar over batches (labelled ``desc``).
 
     Decoding is pure greedy (argmax at every step): settings in the model's ``generation_config`` such as
     Qwen's ``repetition_penalty=1.05`` are ignored for the call; only its eos ids are kept. The model is put in eval
@@ -136,7 +137,7 @@ def generate(
         >>> replies = generate(model, tokenizer, ["How do I bake bread?"], max_new_tokens=32)  # doctest: +SKIP
     """
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       system=system, progress=progress)
+                       system=system, progress=progress, desc=desc)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
 
@@ -149,12 +150,13 @@ def generate_ids(
     batch_size: int = 8,
     system: str | None = None,
     progress: bool = True,
+    desc: str = "generate",
 ) -> list[list[int]]:
     """Like :func:`generate`, but returns the new token ids of each reply, without the stop token."""
     prompts = list(prompts)
     encoded = [prompt_ids(tokenizer, p, system) for p in prompts]
     return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=progress)
+                             progress=progress, desc=desc)
 
 
 def prompt_ids(tokenizer, prompt: Prompt, system: str | None = None) -> list[int]:

@@ -307,3 +307,22 @@ def test_deep_compare_api_and_markdown(tiny_llama, tmp_path):
         DeepConfig(attacks=("nope",))
     with pytest.raises(DataError, match="nothing to run"):
         DeepConfig(attacks=(), depth=False, over_refusal=False)
+
+
+def test_saved_responses_hold_the_deep_texts_only_on_request(tmp_path):
+    from ssah_plugin.report import deep_json
+
+    deep = {"prompts": ["HARMFULPROMPT"],
+            "prefill": {"ks": [5], "per_k": {"5": {"n": 1, "asr": 1.0, "wilson95": [0.2, 1.0], "attack_success": [1],
+                                                  "continuations": ["HARMFULCONT"]}}},
+            "framing": {"framings": ["plain"], "per_framing": {"plain": {"attack_success": [0],
+                                                                         "replies": ["I'm sorry"]}}},
+            "direction": {"unit": torch.zeros(2, 3), "kept": [float("nan"), 0.5]}}
+    clean = json.dumps(deep_json(deep))
+    assert "HARMFUL" not in clean and "unit" not in clean and '"kept": [null, 0.5]' in clean
+    with pytest.warns(UserWarning, match="harmful"):
+        path = save_responses([{"name": "m", "deep": deep}], tmp_path / "r.jsonl")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0] == {"checkpoint": "m", "attack": "prefill", "k": "5", "index": 0, "prompt": "HARMFULPROMPT",
+                       "continuation": "HARMFULCONT", "attack_success": 1}
+    assert rows[1]["attack"] == "framing" and rows[1]["framing"] == "plain" and rows[1]["response"] == "I'm sorry"
