@@ -140,6 +140,9 @@ def test_user_framings_file_extends_and_is_validated(tmp_path):
             at.load_framings(user)
     with pytest.raises(DataError, match="does not exist"):
         at.load_framings(tmp_path / "missing.json")
+    user.write_text("")
+    with pytest.raises(DataError, match="cannot read framings file"):
+        at.load_framings(user)
     with pytest.raises(DataError, match="unknown framing"):
         at.load_framings(ids=["nope"])
 
