@@ -177,6 +177,9 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
             "own_refusals and auto mode generate text with the whole model, which layer-by-layer mode never holds; "
             "generate the refusals / choose the sizes on a machine that fits the model, or pass --layerwise off"
         )
+    if cfg.decision_units:
+        raise UnsupportedSetupError("decision units need the whole model in memory; pass --layerwise off, or drop "
+                                    "--decision-units")
     folder = str(folder)
     device = L.resolve_device(cfg.device)
     hf_config = AutoConfig.from_pretrained(folder)

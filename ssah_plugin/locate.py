@@ -110,6 +110,19 @@ class LocateConfig:
     auto_ru_refusal_tolerance: float = field(default=0.05, metadata={
         "help": "RU: largest size whose removal lowers the refusal rate by at most this (absolute)"})
     auto_max_new_tokens: int = field(default=48, metadata={"help": "reply length in the sweep"})
+    # extra unit selections (ssah_plugin.selections; docs/locate.md "Decision and task-conflict units")
+    decision_units: bool = field(default=False, metadata={
+        "help": "score decision units: harmful vs benign separation at the last prompt token"})
+    decision_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of all units in the stored 'decision' set"})
+    decision_weight: Literal["norm", "none"] = field(default="norm", metadata={
+        "help": "decision score: Cohen's d times ||W[:, j]|| ('norm') or d alone ('none')"})
+    conflict_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of all units in the stored 'conflict' set (with task data)"})
+    task_max_samples: int | None = field(default=128, metadata={"help": "task rows drawn (seeded); None = all"})
+    task_prompt_field: str | None = None
+    task_response_field: str | None = None
+    task_input_field: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +151,9 @@ class LocateConfig:
             problems.append(f"layerwise must be 'auto', 'on' or 'off', got {self.layerwise!r}")
         if self.auto_holdout < 1:
             problems.append(f"auto_holdout must be >= 1, got {self.auto_holdout}")
+        from .selections import selection_config_problems
+
+        problems += selection_config_problems(self)
         if problems:
             raise ValueError("invalid LocateConfig: " + "; ".join(problems))
 
@@ -510,6 +526,7 @@ def prepare_data(model, tokenizer, safety, utility, cfg: LocateConfig,
                                 f"{len(pairs)}; give more rows or lower auto_holdout")
         held = {"safety": s_pairs[-cfg.auto_holdout:], "utility": u_pairs[-cfg.auto_holdout:]}
         s_pairs, u_pairs = s_pairs[:-cfg.auto_holdout], u_pairs[:-cfg.auto_holdout]
+    held["calibration"] = {"safety": s_pairs, "utility": u_pairs}  # for locate_decision / locate_conflict
     enc_s = encode_pairs(tokenizer, s_pairs, tokens=cfg.tokens, max_length=cfg.max_length, max_positions=max_pos,
                          where="safety data")
     enc_u = encode_pairs(tokenizer, u_pairs, tokens=cfg.tokens, max_length=cfg.max_length, max_positions=max_pos,
@@ -527,7 +544,7 @@ def _source_name(source) -> str:
 
 # ================================================================================================ entry points
 def locate(model, tokenizer, *, safety=DEFAULT_SHIPPED_SAFETY, utility=DEFAULT_SHIPPED_UTILITY,
-           config: LocateConfig | None = None) -> Mask:
+           config: LocateConfig | None = None, task=None) -> Mask:
     """Score every unit of ``model`` on safety and utility data and classify them (SCU / UCU / CU / RU).
 
     Args:
@@ -538,13 +555,18 @@ def locate(model, tokenizer, *, safety=DEFAULT_SHIPPED_SAFETY, utility=DEFAULT_S
             or of ``(prompt, response)`` tuples. With ``config.own_refusals``, prompts only (e.g. AdvBench).
         utility: benign ``(prompt, response)`` data in the same forms.
         config: :class:`LocateConfig` (defaults: 128 samples each, response tokens, paper's class sizes).
+        task: optional sample of the user's training data (prompt/response rows in the same forms): adds the
+            task-conflict units (:mod:`ssah_plugin.locate_conflict`). ``config.decision_units`` adds the decision
+            units (:mod:`ssah_plugin.locate_decision`).
 
     Returns:
         A :class:`~ssah_plugin.mask.Mask` with ``scores`` ``safety``, ``utility``, ``safety_z``, ``utility_z``,
-        ``classes`` and ``default_policy="scu+cu6"``; ``method`` records every parameter.
+        ``classes`` and ``default_policy="scu+cu6"``; ``method`` records every parameter. With the extra
+        selections also ``decision``/``decision_z`` and ``conflict_dot``/``conflict_cos`` scores and the stored
+        sets ``decision`` / ``conflict`` (:mod:`ssah_plugin.selections`).
     """
     if isinstance(model, (str, os.PathLike)):
-        return locate_pretrained(model, tokenizer, safety=safety, utility=utility, config=config)
+        return locate_pretrained(model, tokenizer, safety=safety, utility=utility, config=config, task=task)
     cfg = config or LocateConfig()
     root = unwrap_model(model)
     groups = describe_units(root, cfg.granularity)
@@ -562,6 +584,16 @@ def locate(model, tokenizer, *, safety=DEFAULT_SHIPPED_SAFETY, utility=DEFAULT_S
                                            _layout_of(groups, name)) for name in col.modules}
         raw[what] = [unit_scores(g, per_module[g.score_module]) for g in groups]
     mask = build_mask(root, groups, raw["safety"], raw["utility"], cfg, method_extra=dict(info, mode="whole-model"))
+    calib = held.pop("calibration")
+    if cfg.decision_units:
+        from .locate_decision import add_decision_units
+
+        add_decision_units(root, tokenizer, mask, [p for p, _ in calib["safety"]], [p for p, _ in calib["utility"]],
+                           cfg)
+    if task is not None:
+        from .locate_conflict import add_conflict_units
+
+        add_conflict_units(root, tokenizer, mask, calib["safety"], task, cfg)
     if cfg.auto:
         auto_sizes(root, tokenizer, mask, held, cfg)
     return mask
@@ -579,7 +611,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT_SHIPPED_SAFETY,
-                      utility=DEFAULT_SHIPPED_UTILITY, config: LocateConfig | None = None) -> Mask:
+                      utility=DEFAULT_SHIPPED_UTILITY, config: LocateConfig | None = None, task=None) -> Mask:
     """:func:`locate` on a saved model: a local folder, a hub name, or ``tiny:<family>`` (tests, demos).
 
     With ``config.layerwise="auto"`` a local safetensors checkpoint that would not fit in (GPU or CPU) memory is
@@ -600,6 +632,12 @@ def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT
         if mode == "on":
             logger.info("locate: checkpoint needs ~%.1f GiB, %.1f GiB available: running layer by layer",
                         need / 2**30, have / 2**30)
+    if mode == "on" and (cfg.decision_units or task is not None):
+        raise UnsupportedSetupError(
+            "decision units and task-conflict units need the whole model in memory (extra forward passes over "
+            "prompts; a backward pass), which layer-by-layer mode never holds"
+            + ("" if cfg.layerwise == "on" else " (chosen automatically: the model looks too large for memory)")
+            + "; pass --layerwise off on a machine that fits the model, or drop --decision-units / --task-data")
     if mode == "on":
         if not Path(spec).is_dir():
             raise UnsupportedSetupError(f"layer-by-layer locate needs a local folder with safetensors weights, got "
@@ -609,7 +647,7 @@ def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT
 
     dtype = cfg.dtype or ("float32" if device.type == "cpu" else None)
     model, tok = load_model(spec, dtype=dtype, device=str(device))
-    return locate(model, tokenizer or tok, safety=safety, utility=utility, config=cfg)
+    return locate(model, tokenizer or tok, safety=safety, utility=utility, config=cfg, task=task)
 
 
 # ================================================================================================ ablation

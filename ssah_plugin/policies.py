@@ -12,6 +12,8 @@ policy             frozen units
 ``scu+cu:F``       the same with a fraction F in [0, 1] (``scu+cu:0.06`` == ``scu+cu6``)
 ``ru-only``        everything except the redundant units (train only RU: the alignment-budget use)
 ``safety-top:F``   the top fraction F of all units by ``I_S - I_U`` (standardised), ignoring classes
+``decision:F``,    decision units / task-conflict units and unions with them (``scu+decision:0.05``), for masks
+``conflict:F``     located with ``--decision-units`` / ``--task-data``: see :mod:`ssah_plugin.selections`
 =================  ================================================================================================
 
 Ranking CU by ``I_S`` (rather than ``I_S - I_U``) is our reading of "the most important CU for safety": CU are by
@@ -34,7 +36,8 @@ __all__ = ["resolve_policy", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z"]
 
 SAFETY_Z = "safety_z"
 UTILITY_Z = "utility_z"
-POLICY_HELP = "a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F'"
+POLICY_HELP = ("a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F', "
+               "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F'")
 
 
 class PolicyError(SSAHError, ValueError):
@@ -90,6 +93,11 @@ def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
         return [s.clone() for s in mask.stored[policy]]
     if policy == "none":
         return [torch.zeros(g.n_units, dtype=torch.bool) for g in mask.groups]
+    from .selections import resolve_selection  # decision / conflict units and unions with them
+
+    selected = resolve_selection(mask, policy, resolve_policy)
+    if selected is not None:
+        return selected
     scu, cu, ru = CLASS_CODES["SCU"], CLASS_CODES["CU"], CLASS_CODES["RU"]
     if policy == "scu":
         return [c == scu for c in _need_classes(mask, policy)]
