@@ -13,6 +13,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     # The control run without the plugin moves the same units: the check is not vacuous.
     assert summary["verify"]["plain"]["ok"] is False
     assert summary["verify"]["plain"]["total"]["changed_units"] > 0
-    assert [r["model"] for r in summary["eval"]] == ["base", "plain", "ssah"]
+    names = [r["model"] for r in summary["eval"]]
+    # the recipe arm (freezing + own-refusal replay) runs when the toy learned refusals to replay
+    assert names == ["base", "plain", "ssah", "recipe"] if summary["own_refusals"] else names == ["base", "plain", "ssah"]
+    if summary["own_refusals"]:
+        assert summary["verify"]["recipe"]["ok"] is True
     assert (tmp_path / "mask.safetensors").is_file()
     assert "bit-exact with the plugin: True" in capsys.readouterr().out

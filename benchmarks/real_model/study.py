@@ -359,9 +359,9 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         if spec.get("constrained"):
             from ssah_plugin.constrained import TokenwiseConstraint
 
-            constraint = TokenwiseConstraint.from_model(model)
+            constraint = TokenwiseConstraint(model)  # frozen copy of the aligned model, Qi et al.'s betas
             extra["compute_loss_func"] = constraint
-            callbacks.append(constraint.callback())
+            callbacks.append(constraint)
         targs = TrainingArguments(
             output_dir=str(out / "trainer"), num_train_epochs=1, per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.accum, learning_rate=args.lr, lr_scheduler_type="cosine",

@@ -6,9 +6,12 @@ Measured: 5 min 16 s wall on the 2-core development machine while another job us
 1. *toy alignment*: a tiny random Llama is taught, by SFT, to refuse shipped harmful prompts and to answer benign
    instructions, so it has safety behaviour to keep (a stand-in for a real aligned chat model);
 2. *locate*: score every unit on safety and utility data, classify SCU / UCU / CU / RU, write the mask;
-3. *fine-tune* on benign data twice, same seed and steps: without the plugin and with ``SSAHCallback``;
-4. *verify* both checkpoints against the base (frozen units bit-exact? exit code as in CI);
-5. *evaluate* refusal rate on held-out harmful prompts and benign loss, base vs both fine-tunes.
+3. *fine-tune* on benign data three times, same seed, steps and user rows: without the plugin, with
+   ``SSAHCallback`` (freezing only), and with the recommended recipe (``SSAHCallback`` + ``with_refusal_replay``:
+   5% of the rows are the toy base model's own refusals, collected with ``collect_refusals``);
+4. *verify* the checkpoints against the base (frozen units bit-exact? exit code as in CI);
+5. *evaluate* refusal rate on held-out harmful prompts and benign loss, base vs the fine-tunes, and print the
+   share of the refusals lost by plain fine-tuning that each arm kept.
 
 The toy model answers in short phrases, so refusals are judged by phrase alone (the keyword judge without Wei et
 al.'s 20-word rule, which would count every short reply as a refusal). A 4-layer toy is not a real aligned model:
@@ -39,13 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-steps", type=int, default=30, help="fine-tuning steps (default: 30)")
     p.add_argument("--tune-lr", type=float, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
     p.add_argument("--eval-prompts", type=int, default=40, help="held-out harmful prompts to evaluate (default: 40)")
+    p.add_argument("--replay-share", type=float, default=0.05,
+                   help="share of own refusals in the recipe arm's training rows (default: 0.05)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _train(model, tokenizer, rows, out: Path, steps: int, lr: float, seed: int, callbacks=None):
+def _train(model, tokenizer, rows, out: Path, steps: int, lr: float, seed: int, callbacks=None, epochs=None):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    args = TrainingArguments(str(out / "trainer"), max_steps=steps, per_device_train_batch_size=8,
+    length = {"num_train_epochs": epochs} if epochs else {"max_steps": steps}
+    args = TrainingArguments(str(out / "trainer"), **length, per_device_train_batch_size=8,
                              learning_rate=lr, weight_decay=0.1, max_grad_norm=1.0, warmup_steps=0,
                              lr_scheduler_type="constant", logging_steps=max(steps // 3, 1), report_to=[],
                              save_strategy="no", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True)
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import attack_success_rate, benign_loss
     from ..judge import RefusalJudge
     from ..locate import LocateConfig, locate
+    from ..errors import DataError
+    from ..replay import collect_refusals, with_refusal_replay
     from ..tiny import tiny_model, tiny_tokenizer
     from ..verify import verify_checkpoint
 
@@ -100,14 +108,30 @@ def run(args: argparse.Namespace) -> int:
     print("      " + ", ".join(f"{k} {v}" for k, v in overview["classes"].items())
           + f" units; policy {args.policy} freezes {100 * mask.frozen_fraction(args.policy):.1f}%")
 
-    rows = sft_examples(tokenizer, tune_benign, max_length=96, drop_unlabelled=False)
+    # The recipe's replay rows: the toy base model's OWN refusals to AdvBench calib prompts (never the eval ones).
+    calib_prompts = prompts_from_rows(load_rows("shipped:advbench.jsonl", split="calib"))[:120]
+    try:
+        own = collect_refusals(model, tokenizer, calib_prompts, max_new_tokens=24, batch_size=40, progress=False)
+    except DataError:  # the toy learned no refusal (e.g. very few alignment steps)
+        own = []
+    # One epoch over the same user rows in every arm (the recipe's epoch also holds its refusal rows).
+    n_rows = args.tune_steps * 8
+    rows = sft_examples(tokenizer, tune_benign[:n_rows], max_length=96, drop_unlabelled=False)
     results: dict[str, dict] = {}
-    for name, callbacks in (("plain", None), ("ssah", "callback")):
-        print(f"[3/5] fine-tune on benign data, {args.tune_steps} steps, "
-              + ("WITH SSAHCallback(policy=%r)" % args.policy if callbacks else "without the plugin"))
+    arms = (("plain", "without the plugin"), ("ssah", f"WITH SSAHCallback(policy={args.policy!r})"),
+            ("recipe", f"WITH SSAHCallback(policy={args.policy!r}) + with_refusal_replay(share={args.replay_share}, "
+                       f"{len(own)} own refusals)"))
+    for name, what in arms:
+        if name == "recipe" and not own:
+            print("[3/5] recipe arm skipped: the toy base model gave no refusal to the calib prompts")
+            continue
+        train_rows = (with_refusal_replay(rows, own, share=args.replay_share, seed=args.seed,
+                                         tokenizer=tokenizer, max_length=96) if name == "recipe"
+                      else rows)
+        print(f"[3/5] fine-tune on benign data, {len(rows)} rows (one epoch), {what}")
         tuned = type(model).from_pretrained(base_dir)
-        cbs = [SSAHCallback(mask_path, policy=args.policy)] if callbacks else None
-        _train(tuned, tokenizer, rows, out / name, args.tune_steps, args.tune_lr, args.seed, cbs)
+        cbs = [SSAHCallback(mask_path, policy=args.policy)] if name != "plain" else None
+        _train(tuned, tokenizer, train_rows, out / name, args.tune_steps, args.tune_lr, args.seed, cbs, epochs=1)
         tuned.save_pretrained(out / f"tuned-{name}")
         results[name] = {"model": tuned}
 
@@ -122,19 +146,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"[5/5] eval: refusal rate on {len(harmful_eval)} held-out AdvBench prompts, loss on held-out benign data")
     judge = RefusalJudge(min_words=0)  # phrase only: the toy model's replies are short
     table = []
-    for name, m in (("base", model), ("plain", results["plain"]["model"]), ("ssah", results["ssah"]["model"])):
+    for name, m in [("base", model)] + [(k, v["model"]) for k, v in results.items()]:
         asr = attack_success_rate(m, tokenizer, harmful_eval, judge=judge, max_new_tokens=24, batch_size=20,
                                   progress=False)
         loss = benign_loss(m, tokenizer, heldout_benign, batch_size=16, max_length=128, progress=False)
         table.append({"model": name, "refusal_rate": asr["refusal_rate"], "attack_success_rate": asr["asr"],
                       "benign_loss": loss["loss"]})
-    print("\n      model   refusal rate   benign loss")
+    base_r, plain_r = table[0]["refusal_rate"], table[1]["refusal_rate"]
+    lost = base_r - plain_r
+    print("\n      model   refusal rate   benign loss   kept of the refusals plain fine-tuning lost")
     for r in table:
-        print(f"      {r['model']:6s}  {r['refusal_rate']:12.3f}   {r['benign_loss']:11.4f}")
-    summary = {"policy": args.policy, "mask": str(mask_path), "classes": overview["classes"], "eval": table,
+        r["kept"] = (r["refusal_rate"] - plain_r) / lost if lost > 0 and r["model"] not in ("base", "plain") else None
+        kept = "" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
+        print(f"      {r['model']:6s}  {r['refusal_rate']:12.3f}   {r['benign_loss']:11.4f}   {kept}")
+    if lost <= 0:
+        print("      (plain fine-tuning lost no refusals in this run, so there is nothing to keep)")
+    summary = {"policy": args.policy, "replay_share": args.replay_share, "own_refusals": len(own),
+               "mask": str(mask_path), "classes": overview["classes"], "eval": table,
                "verify": {k: v["verify"] for k, v in results.items()}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    ok = results["ssah"]["verify"]["ok"]
+    ok = all(results[k]["verify"]["ok"] for k in ("ssah", "recipe") if k in results)
     print("      (a 4-layer toy model: these numbers show the pipeline runs, not the paper's effect;\n"
           "       docs/results-real-model.md has the real-model study)")
     print(f"\nfrozen units bit-exact with the plugin: {ok}. Results: {out / 'demo.json'}")

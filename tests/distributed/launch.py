@@ -48,10 +48,11 @@ class Job:
         return [self.marker(scenario, r) for r in range(NPROC)]
 
 
-def launch(out_dir: Path, scenarios: list[str], *, timeout: float = 600) -> Job:
-    """Run ``worker.py`` on ``NPROC`` ranks over ``scenarios`` (in order); never raises on the exit code."""
+def launch(out_dir: Path, scenarios: list[str], *, timeout: float = 600, worker: Path = WORKER) -> Job:
+    """Run ``worker`` (default ``worker.py``) on ``NPROC`` ranks over ``scenarios`` (in order); never raises on the
+    exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out_dir), *scenarios]
+           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(out_dir), *scenarios]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
