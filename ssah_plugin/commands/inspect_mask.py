@@ -29,7 +29,8 @@ def report(mask, extra_policies=()) -> dict:
         "architecture": mask.architecture, "model_class": mask.model_class, "granularity": mask.granularity,
         "groups": len(mask.groups), "units": mask.n_units, "default_policy": mask.default_policy,
         "stored_policies": mask.policies, "scores": list(mask.scores),
-        "method": {k: v for k, v in mask.method.items() if k in ("name", "mode", "standardize", "data", "auto")},
+        "method": {k: v for k, v in mask.method.items() if k in ("name", "mode", "standardize", "data", "auto",
+                                                                  "selections")},
     }
     if "config" in mask.method:
         cfg = mask.method["config"]
@@ -91,6 +92,9 @@ def _print_text(rep: dict) -> None:
             print(f"  layer {layer:>3}: " + "   ".join(cells))
     else:
         print("classes: none (explicit mask)")
+    for name, sel in m.get("selections", {}).items():  # decision / conflict units (ssah_plugin.selections)
+        print(f"selection {name}: stored top {sel['fraction']:.1%} ({sel['stored_units']} units) by {sel['rank']}; "
+              f"other sizes: --policy {name}:F")
     print(f"frozen units per policy (default: {rep['default_policy']}):")
     for pol, f in rep["frozen"].items():
         kinds = ", ".join(f"{k} {v}" for k, v in f["per_module_type"].items())

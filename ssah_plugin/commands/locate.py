@@ -65,6 +65,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--auto-refusal-drop", type=float, default=0.5)
     a.add_argument("--auto-utility-tolerance", type=float, default=0.05)
     a.add_argument("--auto-ru-refusal-tolerance", type=float, default=0.05)
+    x = p.add_argument_group("extra unit selections (policies decision:F, conflict:F, scu+decision:F, ...)")
+    x.add_argument("--decision-units", action="store_true",
+                   help="score decision units: harmful vs benign separation at the last prompt token")
+    x.add_argument("--decision-fraction", type=_fraction, default=0.05,
+                   help="fraction of all units in the stored 'decision' set (default 5%%)")
+    x.add_argument("--decision-weight", choices=("norm", "none"), default="norm",
+                   help="Cohen's d times ||W[:, j]|| (default) or d alone")
+    x.add_argument("--task-data", metavar="FILE",
+                   help="sample of your training data (prompt/response rows): scores task-conflict units")
+    x.add_argument("--conflict-fraction", type=_fraction, default=0.05,
+                   help="fraction of all units in the stored 'conflict' set (default 5%%)")
+    x.add_argument("--task-max-samples", type=int, default=128, help="task rows drawn (default 128; 0=all)")
+    for f in ("prompt", "response", "input"):
+        x.add_argument(f"--task-{f}-field", help=f"column holding the task {f} (default: auto-detect)")
     r = p.add_argument_group("resources")
     r.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
@@ -88,6 +102,10 @@ def config_from_args(args: argparse.Namespace):
         utility_input_field=args.utility_input_field, auto=args.auto, auto_holdout=args.auto_holdout,
         auto_refusal_drop=args.auto_refusal_drop, auto_utility_tolerance=args.auto_utility_tolerance,
         auto_ru_refusal_tolerance=args.auto_ru_refusal_tolerance,
+        decision_units=args.decision_units, decision_fraction=args.decision_fraction,
+        decision_weight=args.decision_weight, conflict_fraction=args.conflict_fraction,
+        task_max_samples=args.task_max_samples or None, task_prompt_field=args.task_prompt_field,
+        task_response_field=args.task_response_field, task_input_field=args.task_input_field,
     )
     if args.auto_scu_grid:
         kw["auto_scu_grid"] = args.auto_scu_grid
@@ -110,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    mask = locate_pretrained(args.model, tokenizer, safety=args.safety, utility=args.utility, config=cfg)
+    mask = locate_pretrained(args.model, tokenizer, safety=args.safety, utility=args.utility, config=cfg,
+                             task=args.task_data)
     path = mask.save(args.output)
     summary = mask.summary()
     summary["mask"] = str(path)
     summary["mode"] = mask.method.get("mode")
     summary["class_sizes"] = {k: mask.method["config"][k] for k in ("scu", "ucu", "ru")}
+    summary["selections"] = {k: v["stored_units"] for k, v in mask.method.get("selections", {}).items()}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -124,4 +144,6 @@ def run(args: argparse.Namespace) -> int:
               f"({summary['mode']}); SCU {c['SCU']}, UCU {c['UCU']}, CU {c['CU']}, RU {c['RU']}")
         print(f"default policy {summary['policy']}: {summary['frozen_units']} units frozen "
               f"({summary['frozen_fraction']:.1%}). Inspect with: ssah-plugin inspect {path}")
+        for name, n in summary["selections"].items():
+            print(f"stored selection {name!r}: {n} units (policies {name}, {name}:F, scu+{name}:F)")
     return 0
