@@ -368,8 +368,12 @@ class TokenwiseConstraint(TrainerCallback):
         dtype = _dtype_of(model)
         ref_dtype = _dtype_of(self.reference)
         if dtype is not None and ref_dtype is not None and dtype != ref_dtype:
-            # e.g. DeepSpeed bf16 casts the training model, not our copy: the reference follows
-            self.reference.to(dtype=dtype)
+            # DeepSpeed bf16/fp16 casts the training model's parameters (not its buffers, e.g. rotary inv_freq stays
+            # float32) and not our copy: the reference follows, parameters only, so both forwards compute alike
+            with torch.no_grad():
+                for p in self.reference.parameters():
+                    if p.is_floating_point():
+                        p.data = p.data.to(dtype)
         if _device_of(self.reference) != device:
             self.reference.to(device)
         self.reference.eval()

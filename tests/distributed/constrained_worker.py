@@ -1,0 +1,193 @@
+"""One rank of a 2-rank check of TokenwiseConstraint (with SSAHCallback) under DeepSpeed; one marker per scenario.
+
+Launched by ``tests/distributed/test_constrained_zero.py``::
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/constrained_worker.py OUT_DIR scenario ...
+
+Scenarios ``host-stage-dtype``: ``trainer-z2-fp32`` (Trainer, prompt-masked LM rows), ``sft-z2-bf16`` (TRL
+SFTTrainer, chat rows, DeepSpeed bf16: the training model is cast to bf16 by the engine, the reference must follow),
+``trainer-z3-fp32`` (must be refused at set-up). Every scenario trains with SSAHCallback freezing units too.
+
+Each rank writes ``OUT_DIR/<scenario>.rank<r>.json``: the logged losses, the loss expected at the first step (the
+policy equals the reference there, so every log-ratio is 0 and the loss is ``log 2 * mean_t 2/beta_t``), the
+reference's drift from its values before training (bitwise), the frozen units' drift in the fp32 master weights and
+the model copy, and whether the other weights moved; or the error raised.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+STEPS = 3
+PROMPT, LENGTH = 6, 20  # LM rows: 6 prompt tokens (label -100), 14 reply tokens
+REPLY = "Blue, like the sky."
+FROZEN = {"model.layers.0.mlp": [1, 5, 9, 40, 77], "model.layers.1.self_attn": list(range(16, 24)),
+          "model.layers.1.mlp": [0, 127]}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_loss(n_reply: int) -> float:
+    from ssah_plugin.constrained import PAPER_BETA_REST, PAPER_BETAS
+
+    betas = [PAPER_BETAS[k] if k < len(PAPER_BETAS) else PAPER_BETA_REST for k in range(n_reply)]
+    return math.log(2.0) * sum(2 / b for b in betas) / n_reply
+
+
+def ds_config(stage: int) -> dict:
+    return json.loads((ROOT / "integrations" / "deepspeed" / f"zero{stage}.json").read_text())
+
+
+def reset_hosts() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()
+
+
+def lm_dataset(n: int = 32):
+    from datasets import Dataset
+
+    ids = torch.randint(3, 500, (n, LENGTH), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :PROMPT] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def chat_dataset(n: int = 32):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": [{"role": "user", "content": f"Name colour number {i} please."},
+                                            {"role": "assistant", "content": REPLY}]} for i in range(n)])
+
+
+def frozen_drift(model, mask, before: dict) -> tuple[float, float, int]:
+    """Max drift of the frozen slices in the fp32 master weights and in the model copy (collective: all ranks)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from ssah_plugin import plan_frozen_slices
+
+    d_master = d_model = 0.0
+    n = 0
+    for s in plan_frozen_slices(mask, model, None):
+        master = safe_get_full_fp32_param(s.param)
+        for key, val in (("master", master), ("model", s.param.detach())):
+            if val is None:
+                continue
+            cur = val.reshape(s.param.shape).index_select(s.axis, s.index)
+            # the engine starts from the model cast to its dtype (fp32 model, DeepSpeed bf16: bf16 values; the fp32
+            # master is made from those): that start must be kept exactly
+            start = before[s.name].to(s.param.dtype).to(cur.dtype)
+            d = float((cur.double() - start.double()).abs().max())
+            if key == "master":
+                d_master = max(d_master, d)
+            else:
+                d_model = max(d_model, d)
+            n += 1
+    return d_master, d_model, n
+
+
+def run(host: str, stage: int, bf16: bool, tmp: str) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from ssah_plugin import Mask, SSAHCallback, TokenwiseConstraint, plan_frozen_slices
+    from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama", seed=0)  # fp32; under DeepSpeed bf16 the engine casts it
+    mask = Mask.from_units(model, FROZEN)
+    before = {s.name: s.param.detach().index_select(s.axis, s.index).clone()
+              for s in plan_frozen_slices(mask, model, None)}
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    constraint = TokenwiseConstraint(model)
+    ref_before = {n: p.detach().clone() for n, p in constraint.reference.named_parameters()}
+    cb = SSAHCallback(mask)
+    common = dict(output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+                  learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant",
+                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
+                  disable_tqdm=True, dataloader_num_workers=0, deepspeed=ds_config(stage))
+    if host == "trainer":
+        args = TrainingArguments(**common)
+        _ = args.device
+        trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), compute_loss_func=constraint,
+                          callbacks=[cb, constraint])
+        n_reply = LENGTH - PROMPT
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        tok = tiny_tokenizer()
+        args = SFTConfig(**common, gradient_checkpointing=False, max_length=64, assistant_only_loss=True)
+        _ = args.device
+        trainer = SFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tok,
+                             compute_loss_func=constraint, callbacks=[cb, constraint])
+        n_reply = len(tok(REPLY, add_special_tokens=False)["input_ids"]) + 1  # the reply and its <|im_end|>
+    trainer.train()
+    trained = trainer.model
+    d_master, d_model, checked = frozen_drift(trained, mask, before)
+    ref_drift = max(float((p.double() - ref_before[n].to(p.dtype).double()).abs().max())
+                    for n, p in constraint.reference.named_parameters())
+    ref_bitwise = all(torch.equal(p, ref_before[n].to(p.dtype)) for n, p in constraint.reference.named_parameters())
+    moved = max(float((p.detach().double() - full[n].to(p.dtype).double()).abs().max())
+                for n, p in trained.named_parameters())
+    logs = trainer.state.log_history
+    return {"losses": [r["loss"] for r in logs if "loss" in r], "expected_first_loss": init_loss(n_reply),
+            "logratio_first": [r.get("tokenwise/logratio_prefix") for r in logs if "loss" in r][:1],
+            "calls": constraint.calls, "global_step": trainer.state.global_step,
+            "ref_drift": ref_drift, "ref_bitwise": ref_bitwise,
+            "ref_dtype": str(next(constraint.reference.parameters()).dtype),
+            "model_dtype": str(next(trained.parameters()).dtype),
+            "ref_requires_grad": any(p.requires_grad for p in constraint.reference.parameters()),
+            "drift_master": d_master, "drift_model": d_model, "checked": checked,
+            "enforcer_drift": cb.enforcer.max_drift(), "enforcer": type(cb.enforcer).__name__, "moved": moved,
+            "host_optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__}
+
+
+def run_scenario(name: str, out_dir: Path) -> None:
+    host, stage_s, dt = name.split("-")[:3]
+    marker = out_dir / f"{name}.rank{rank()}.json"
+    tmp = str(out_dir / "work" / name)
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        res = run(host, int(stage_s[1:]), dt == "bf16", tmp)
+        res["ok"] = True
+    except Exception as exc:  # the test decides whether this error was expected
+        res = {"ok": False, "error_type": type(exc).__name__, "error": str(exc)[:2000],
+               "traceback": traceback.format_exc()[-4000:]}
+    finally:
+        reset_hosts()
+    marker.write_text(json.dumps(res, indent=1))
+
+
+def main(argv: list[str]) -> int:
+    out_dir = Path(argv[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in argv[1:]:
+        run_scenario(name, out_dir)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    (out_dir / f"done.rank{rank()}").write_text("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
