@@ -135,6 +135,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(spec)
+        from .model_path import check_model_path  # one clear line for a path that holds no model
+
+        check_model_path(spec)
         if path.is_dir() and (path / "adapter_config.json").is_file():
             model, tok = _load_adapter(path, dtype)
         else:
