@@ -159,7 +159,6 @@ class TokenwiseConstraint(TrainerCallback):
         self._model: nn.Module | None = None
         self._handles: list = []
         self._captured: dict | None = None
-        self._autocast: tuple | None = None
         self._pending_grad = False
         self._placed = False
         self.calls = 0  # compute_loss_func calls (train and eval)
@@ -222,7 +221,7 @@ class TokenwiseConstraint(TrainerCallback):
         betas = beta_schedule(positions[keep], self.betas, self.beta_rest)
         per_token = tokenwise_loss(policy_lp, ref_lp, betas)
         if num_items_in_batch is None:
-            denom = torch.as_tensor(max(int(keep.sum()), 1), device=per_token.device, dtype=per_token.dtype)
+            denom = keep.sum().clamp(min=1).to(per_token.dtype)  # no host sync
         else:
             denom = torch.as_tensor(num_items_in_batch, device=per_token.device).to(per_token.dtype)
         self.calls += 1
@@ -307,6 +306,7 @@ class TokenwiseConstraint(TrainerCallback):
         self._check(args, model, _find_trainer(self))
         self._place_reference(model)
         self._attach(model)
+        self._captured, self._pending_grad = None, False  # nothing left over from an interrupted run
         self._stats.zero_()
         _move_to_front(self, _find_trainer(self))
         if state.is_world_process_zero:

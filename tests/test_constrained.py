@@ -126,6 +126,22 @@ def test_gradient_is_paper_weighting_of_cross_entropy():
     assert torch.allclose(lp.grad, -2 * (1 - torch.sigmoid(b * (lp.detach() - lr))), atol=1e-12)
 
 
+def test_reference_follows_an_engine_cast_of_parameters():
+    """DeepSpeed bf16 casts the model's parameters (buffers such as rotary inv_freq stay float32): the reference is
+    cast the same way at on_train_begin, so the two forwards agree bitwise (casting buffers too would not)."""
+    model = tiny_model("llama", seed=0)
+    c = TokenwiseConstraint(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    c._place_reference(model)
+    assert {p.dtype for p in c.reference.parameters()} == {torch.bfloat16}
+    assert c.reference.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, c.reference(input_ids=ids).logits)
+
+
 # ---------------------------------------------------------------------------------------------- Trainer
 def _rows(lengths: list[tuple[int, int]], seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
