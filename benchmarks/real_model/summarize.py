@@ -63,11 +63,15 @@ def _kept(base: list[int], plains: list[list[int]], arms: list[list[int]], seed:
         return None if rb - rp == 0 else (ra - rp) / (rb - rp)
 
     point = kept_on(list(range(n)))
+    lost = sum(base) / n - sum(map(sum, plains)) / (n * len(plains))
+    if lost <= 0:  # plain fine-tuning lost nothing here: a kept fraction has no meaning
+        return {"kept": None, "ci95": [None, None], "bootstrap_valid": 0, "plain_lost": lost,
+                "note": "plain fine-tuning did not lower this rate, so no kept fraction is defined"}
     rng = random.Random(seed)
     boots = sorted(v for v in (kept_on([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP))
                    if v is not None)
     ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 100 else [None, None]
-    return {"kept": point, "ci95": ci, "bootstrap_valid": len(boots)}
+    return {"kept": point, "ci95": ci, "bootstrap_valid": len(boots), "plain_lost": lost}
 
 
 def summarize(stages: dict[str, dict]) -> dict[str, Any]:
@@ -120,6 +124,7 @@ def summarize(stages: dict[str, dict]) -> dict[str, Any]:
                 p_flags = [refused(plain[s]["ev"][field]) for s in seeds]
                 a_flags = [refused(by_seed[s]["ev"][field]) for s in seeds]
                 entry[f"{key}_kept"] = _kept(refused(base[field]), p_flags, a_flags)
+                entry[f"{key}_minus_plain"] = (sum(map(sum, a_flags)) - sum(map(sum, p_flags))) / (len(seeds) * len(a_flags[0]))
                 test = mcnemar([x for f in p_flags for x in f], [x for f in a_flags for x in f])
                 entry[f"{key}_mcnemar"] = test
             plain_loss = sum(plain[s]["ev"]["benign_loss"] for s in seeds) / len(seeds)
@@ -166,8 +171,10 @@ def _pct(r: dict | None) -> str:
 
 
 def _kept_str(k: dict | None) -> str:
-    if not k or k.get("kept") is None:
+    if not k:
         return "–"
+    if k.get("kept") is None:
+        return "n/a (plain lost none)" if k.get("note") else "–"
     lo, hi = k["ci95"]
     ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
     return f"{k['kept']:.2f}{ci}"
@@ -175,19 +182,22 @@ def _kept_str(k: dict | None) -> str:
 
 def headline_table(summary: dict, setting: str | None = None, arms: list[str] | None = None) -> str:
     lines = ["| setting | arm | seeds | refusal (plain prompts) | refusal (prefilled) | benign loss | false refusals | "
-             "kept (plain) | kept (prefilled) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "kept (plain) | kept (prefilled) | vs plain, points (plain / prefilled) | McNemar p (plain / prefilled) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     b = summary.get("base")
     if b:
         lines.append(f"| – | base model | – | {_pct(b['refusal'])} | {_pct(b['prefill_refusal'])} | "
-                     f"{b['benign_loss']:.4f} | {_pct(b['false_refusal'])} | | | |")
+                     f"{b['benign_loss']:.4f} | {_pct(b['false_refusal'])} | | | | |")
     for a in summary["arms"]:
         if (setting and a["setting"] != setting) or (arms and a["arm"] not in arms):
             continue
-        p = a.get("refusal_mcnemar", {}).get("p")
+        p = [a.get(f"{k}_mcnemar", {}).get("p") for k in ("refusal", "prefill_refusal")]
+        d = [a.get(f"{k}_minus_plain") for k in ("refusal", "prefill_refusal")]
         lines.append(f"| {a['setting']} | {a['arm']} | {','.join(map(str, a['seeds']))} | {_pct(a.get('refusal'))} | "
                      f"{_pct(a.get('prefill_refusal'))} | {a['benign_loss']:.4f} | {_pct(a['false_refusal'])} | "
                      f"{_kept_str(a.get('refusal_kept'))} | {_kept_str(a.get('prefill_refusal_kept'))} | "
-                     f"{'–' if p is None else f'{p:.2g}'} |")
+                     + " / ".join("–" if x is None else f"{100 * x:+.0f}" for x in d) + " | "
+                     + " / ".join("–" if x is None else f"{x:.2g}" for x in p) + " |")
     lines.append("")
     lines.append(f"Recommended: {summary.get('recommended') or 'none yet'} ({summary.get('why')})")
     return "\n".join(lines)
