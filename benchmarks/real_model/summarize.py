@@ -209,9 +209,10 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("base", summary["base"])] + [(f"{a['setting']}: {a['arm']} (seeds {len(a['seeds'])})", a)
+    rows = [("base", summary["base"])] + [(f"{a['setting']}: {a['arm']} ({len(a['seeds'])} seed{'s' if len(a['seeds']) > 1 else ''})", a)
                                           for a in summary["arms"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 1.4 + 0.4 * len(rows)), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 1.4 + 0.4 * len(rows)), sharey=True,
+                             gridspec_kw={"width_ratios": [3, 3, 3, 2]})
     y = list(range(len(rows)))[::-1]
     for ax, key, title in zip(axes, ("refusal", "prefill_refusal", "false_refusal"),
                               ("refusal, AdvBench eval (%)", "refusal, reply prefilled with target (%)",
@@ -224,6 +225,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.barh(y, vals, xerr=err, color=colors, capsize=2)
         ax.set_xlim(0, 105)
         ax.set_title(title, fontsize=9)
+    axes[3].barh(y, [r["benign_loss"] for _, r in rows], color=colors)
+    axes[3].axvline(rows[0][1]["benign_loss"], color="#888888", lw=0.8, ls="--")
+    axes[3].set_title("benign held-out loss (nats/token)", fontsize=9)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels([n for n, _ in rows], fontsize=8)
     fig.suptitle("Qwen2.5-Coder-0.5B-Instruct after fine-tuning (95% Wilson intervals, pooled over seeds)", fontsize=9)
