@@ -6,7 +6,7 @@ Launched by ``tests/distributed/test_constrained_zero.py``::
 
 Scenarios ``host-stage-dtype``: ``trainer-z2-fp32`` (Trainer, prompt-masked LM rows), ``sft-z2-bf16`` (TRL
 SFTTrainer, chat rows, DeepSpeed bf16: the training model is cast to bf16 by the engine, the reference must follow),
-``trainer-z3-fp32`` (must be refused at set-up). Every scenario trains with SSAHCallback freezing units too.
+``trainer-z1-fp32``, ``sft-ddp-fp32`` (DDP, no DeepSpeed), ``trainer-z3-fp32`` (must be refused at set-up). Every scenario trains with SSAHCallback freezing units too.
 
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json``: the logged losses, the loss expected at the first step (the
 policy equals the reference there, so every log-ratio is 0 and the loss is ``log 2 * mean_t 2/beta_t``), the
@@ -82,16 +82,19 @@ def chat_dataset(n: int = 32):
                                             {"role": "assistant", "content": REPLY}]} for i in range(n)])
 
 
-def frozen_drift(model, mask, before: dict) -> tuple[float, float, int]:
+def frozen_drift(model, mask, before: dict, zero: bool) -> tuple[float, float, int]:
     """Max drift of the frozen slices in the fp32 master weights and in the model copy (collective: all ranks)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
     from ssah_plugin import plan_frozen_slices
 
     d_master = d_model = 0.0
     n = 0
     for s in plan_frozen_slices(mask, model, None):
-        master = safe_get_full_fp32_param(s.param)
+        if zero:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            master = safe_get_full_fp32_param(s.param)
+        else:  # DDP: the parameters are the master weights
+            master = s.param.detach()
         for key, val in (("master", master), ("model", s.param.detach())):
             if val is None:
                 continue
@@ -108,7 +111,7 @@ def frozen_drift(model, mask, before: dict) -> tuple[float, float, int]:
     return d_master, d_model, n
 
 
-def run(host: str, stage: int, bf16: bool, tmp: str) -> dict:
+def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import Mask, SSAHCallback, TokenwiseConstraint, plan_frozen_slices
@@ -125,7 +128,9 @@ def run(host: str, stage: int, bf16: bool, tmp: str) -> dict:
     common = dict(output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
                   learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant",
                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
-                  disable_tqdm=True, dataloader_num_workers=0, deepspeed=ds_config(stage))
+                  disable_tqdm=True, dataloader_num_workers=0)
+    if stage is not None:
+        common["deepspeed"] = ds_config(stage)
     if host == "trainer":
         args = TrainingArguments(**common)
         _ = args.device
@@ -143,7 +148,7 @@ def run(host: str, stage: int, bf16: bool, tmp: str) -> dict:
         n_reply = len(tok(REPLY, add_special_tokens=False)["input_ids"]) + 1  # the reply and its <|im_end|>
     trainer.train()
     trained = trainer.model
-    d_master, d_model, checked = frozen_drift(trained, mask, before)
+    d_master, d_model, checked = frozen_drift(trained, mask, before, zero=stage is not None)
     ref_drift = max(float((p.double() - ref_before[n].to(p.dtype).double()).abs().max())
                     for n, p in constraint.reference.named_parameters())
     ref_bitwise = all(torch.equal(p, ref_before[n].to(p.dtype)) for n, p in constraint.reference.named_parameters())
@@ -168,7 +173,7 @@ def run_scenario(name: str, out_dir: Path) -> None:
     tmp = str(out_dir / "work" / name)
     os.makedirs(tmp, exist_ok=True)
     try:
-        res = run(host, int(stage_s[1:]), dt == "bf16", tmp)
+        res = run(host, None if stage_s == "ddp" else int(stage_s[1:]), dt == "bf16", tmp)
         res["ok"] = True
     except Exception as exc:  # the test decides whether this error was expected
         res = {"ok": False, "error_type": type(exc).__name__, "error": str(exc)[:2000],
