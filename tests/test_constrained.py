@@ -87,8 +87,9 @@ def test_response_positions_and_beta_schedule():
     assert response_positions(packed, position_ids).tolist() == [[-1, 0, 1, 2, -1, 0, 1, -1, 0, 1]]
 
 
-def test_loss_matches_hand_computation_with_padding():
-    policy, reference = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_loss_matches_hand_computation_with_padding(family):
+    policy, reference = tiny_model(family, seed=0), tiny_model(family, seed=1)
     with torch.no_grad():  # sharpen the reference: log-ratios of several nats, into the saturating regime
         reference.lm_head.weight.mul_(30)
     rows = [([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [-100, -100, -100, 8, 9, 10, 11, 12, 13, 14, 15]),
@@ -226,8 +227,9 @@ def test_with_ssah_freezing_reference_untouched(tmp_path, bf16):
     assert not torch.equal(model.get_parameter(w), full_before[w])
 
 
-def test_eval_uses_the_constraint_too(tmp_path):
-    model = tiny_model("llama", seed=0)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2"])
+def test_eval_uses_the_constraint_too(tmp_path, family):
+    model = tiny_model(family, seed=0)
     c = TokenwiseConstraint(model)
     ds = _rows([(3, 5), (3, 5)])
     t = Trainer(model=model, args=_args(tmp_path), train_dataset=ds, eval_dataset=ds, data_collator=_collate,
