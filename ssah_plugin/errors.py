@@ -5,6 +5,8 @@ __all__ = [
     "SSAHError",
     "MaskFormatError",
     "MaskMismatchError",
+    "FrozenValuesError",
+    "ResumeMismatchError",
     "UnsupportedArchitectureError",
     "UnsupportedSetupError",
     "DataError",
@@ -33,6 +35,14 @@ class MaskMismatchError(SSAHError, ValueError):
             "Fix: build the mask from this exact model (ssah-plugin locate --model ...), or train the model the "
             "mask was made for."
         )
+
+
+class FrozenValuesError(SSAHError, ValueError):
+    """The values about to be frozen are not the mask's base values (checked with the digests of format v2)."""
+
+
+class ResumeMismatchError(SSAHError, ValueError):
+    """A resumed checkpoint was trained with another frozen set, or without ssah-plugin, and cannot be continued."""
 
 
 class UnsupportedArchitectureError(SSAHError, ValueError):

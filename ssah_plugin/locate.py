@@ -421,7 +421,8 @@ def build_mask(model: nn.Module, groups: list[UnitGroup], raw_safety: list[torch
                 config_hash=config_hash(root), fingerprint=fingerprint,
                 scores={"safety": [t.to(torch.float64) for t in raw_safety],
                         "utility": [t.to(torch.float64) for t in raw_utility], "safety_z": sz, "utility_z": uz},
-                classes=classes, default_policy="scu+cu6", method=method, granularity=config.granularity)
+                classes=classes, default_policy="scu+cu6", method=method,
+                granularity=config.granularity).record_base(root, missing="skip")  # digests of the base values
 
 
 def reclassify(mask: Mask, *, scu: float | None = None, ucu: float | None = None, ru: float | None = None) -> Mask:

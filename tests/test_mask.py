@@ -1,4 +1,5 @@
-"""Mask file v1: golden file, round trip, validation errors (one error listing every mismatch), bad files."""
+"""Mask file v2 (and v1 still read): golden files, round trip, validation errors (one error listing every mismatch),
+bad files. Damaged files in depth (bit flips, truncations, header edits): tests/test_mask_integrity.py."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ssah_plugin.errors import MaskFormatError, MaskMismatchError, SSAHError
-from ssah_plugin.mask import CLASS_NAMES, FORMAT_VERSION, Mask
+from ssah_plugin.mask import CLASS_NAMES, FORMAT_VERSION, Mask, payload_checksum
 from ssah_plugin.tiny import tiny_model
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN_DIR))
-from make_golden import FROZEN, GOLDEN, LIBRARY_VERSION, build_golden_mask  # noqa: E402
+from make_golden import FROZEN, GOLDEN, GOLDEN_V1, LIBRARY_VERSION, build_golden_mask  # noqa: E402
 
 UNITS = {"model.layers.0.mlp": [1, 2, 100], "model.layers.1.self_attn": [0, 31]}
 
@@ -38,17 +39,21 @@ def _read(path):
         return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
 
 
-def _rewrite(src, dst, *, meta_update=None, tensor_update=None):
+def _rewrite(src, dst, *, meta_update=None, tensor_update=None, resign=False):
+    """Copy a mask file with edits; ``resign`` writes a matching checksum (to reach the checks behind it)."""
     meta, tensors = _read(src)
     meta.update(meta_update or {})
     tensors.update(tensor_update or {})
+    if resign:
+        meta["checksum"] = payload_checksum(meta, tensors)
     save_file(tensors, str(dst), metadata=meta)
     return dst
 
 
 # ---------------------------------------------------------------------------------------------- golden file
-def test_golden_file_contents():
-    mask = Mask.load(GOLDEN)
+@pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_V1], ids=["v2", "v1"])
+def test_golden_file_contents(golden):
+    mask = Mask.load(golden)
     assert (mask.architecture, mask.model_class, mask.granularity) == ("llama", "LlamaForCausalLM", "channel")
     assert mask.library_version == LIBRARY_VERSION and mask.method == {"name": "golden", "seed": 0}
     assert mask.default_policy == "explicit" and mask.policies == ["explicit", "scu-manual"]
@@ -87,7 +92,7 @@ def test_golden_file_contents():
 
 def test_golden_file_is_what_we_write_today(tmp_path):
     gold_meta, gold_t = _read(GOLDEN)
-    assert gold_meta["format"] == "ssah-mask" and gold_meta["format_version"] == str(FORMAT_VERSION) == "1"
+    assert gold_meta["format"] == "ssah-mask" and gold_meta["format_version"] == str(FORMAT_VERSION) == "2"
     # (a) load + save reproduces the golden file exactly (metadata and every tensor, dtype included)
     again_meta, again_t = _read(Mask.load(GOLDEN).save(tmp_path / "again.safetensors"))
     assert again_meta == gold_meta
@@ -102,11 +107,35 @@ def test_golden_file_is_what_we_write_today(tmp_path):
     assert {k: str(v.dtype) for k, v in gold_t.items() if k.startswith("g0.")} == {
         "g0.s0.index": "torch.int32", "g0.s1.index": "torch.int32", "g0.s2.index": "torch.int32",
         "g0.score.safety": "torch.float64", "g0.score.safety_z": "torch.float64", "g0.class": "torch.uint8",
-        "g0.frozen.explicit": "torch.uint8", "g0.frozen.scu-manual": "torch.uint8"}
+        "g0.frozen.explicit": "torch.uint8", "g0.frozen.scu-manual": "torch.uint8",
+        **{f"g0.s{i}.digest.{d}": "torch.uint8" for i in range(3) for d in ("float32", "bfloat16", "float16")}}
+    assert json.loads(gold_meta["digest_dtypes"]) == ["float32", "bfloat16", "float16"]
+    assert gold_meta["checksum"] == payload_checksum(gold_meta, gold_t)
 
 
-def test_golden_validates_against_its_model():
-    Mask.load(GOLDEN).validate(tiny_model("llama", seed=0))
+def test_v1_golden_reads_as_before_and_saves_as_v2(tmp_path):
+    """Version 1 stays readable; re-saving it writes version 2 with the same contents (no digests: none recorded)."""
+    v1_meta, v1_t = _read(GOLDEN_V1)
+    assert v1_meta["format_version"] == "1" and "checksum" not in v1_meta
+    mask = Mask.load(GOLDEN_V1)
+    assert mask.digests == {}
+    meta, tensors = _read(mask.save(tmp_path / "up.safetensors"))
+    assert meta["format_version"] == "2" and json.loads(meta["digest_dtypes"]) == []
+    assert {k: v for k, v in meta.items() if k not in ("format_version", "digest_dtypes", "digest_algorithm",
+                                                        "checksum")} == {k: v for k, v in v1_meta.items()
+                                                                         if k != "format_version"}
+    assert set(tensors) == set(v1_t) and all(torch.equal(tensors[k], v1_t[k]) for k in v1_t)
+    upgraded = Mask.load(tmp_path / "up.safetensors").record_base(tiny_model("llama", seed=0))
+    gold = Mask.load(GOLDEN)
+    assert set(upgraded.digests) == set(gold.digests)
+    for d in gold.digests:
+        for a, b in zip(upgraded.digests[d], gold.digests[d]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_V1], ids=["v2", "v1"])
+def test_golden_validates_against_its_model(golden):
+    Mask.load(golden).validate(tiny_model("llama", seed=0))
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -148,9 +177,17 @@ def test_missing_parameter_and_wrong_shape_in_one_error(mask_path):
 def test_index_out_of_range(mask_path, tmp_path):
     bad = _rewrite(mask_path, tmp_path / "bad.safetensors",
                    tensor_update={"g0.s2.index": torch.full((128, 1), 500, dtype=torch.int32)})
+    with pytest.raises(MaskFormatError, match="damaged.*do not match the checksum"):
+        Mask.load(bad)
+    resigned = _rewrite(mask_path, tmp_path / "resigned.safetensors", resign=True,
+                        tensor_update={"g0.s2.index": torch.full((128, 1), 500, dtype=torch.int32)})
+    with pytest.raises(MaskFormatError, match=r"g0.s2.index.*outside \[0, 128\)"):
+        Mask.load(resigned)
+    mask = Mask.load(mask_path)  # an in-memory mask edited by hand is checked by validate()
+    mask.groups[0].slices[2].index = torch.full((128, 1), 500)
     with pytest.raises(MaskMismatchError, match=r"down_proj.weight: index out of range along axis 1 \(size 128, "
                                                 r"max index 500\)"):
-        Mask.load(bad).validate(tiny_model("llama", seed=0))
+        mask.validate(tiny_model("llama", seed=0))
 
 
 def test_other_weights_fingerprint(mask_path):
@@ -198,7 +235,7 @@ def test_unknown_policy(mask_path):
 # ---------------------------------------------------------------------------------------------- bad files
 def test_unknown_format_version(mask_path, tmp_path):
     bad = _rewrite(mask_path, tmp_path / "v9.safetensors", meta_update={"format_version": "9"})
-    with pytest.raises(MaskFormatError, match=r"mask format version '9'.*reads version 1.*Upgrade ssah-plugin"):
+    with pytest.raises(MaskFormatError, match=r"mask format version '9'.*reads versions 1, 2.*Upgrade ssah-plugin"):
         Mask.load(bad)
 
 
@@ -229,18 +266,21 @@ def test_model_weights_file_is_not_a_mask(llama, tmp_path):
 def test_missing_file_and_damaged_contents(mask_path, tmp_path):
     with pytest.raises(MaskFormatError, match="does not exist"):
         Mask.load(tmp_path / "nope.safetensors")
-    bad = _rewrite(mask_path, tmp_path / "nojson.safetensors", meta_update={"groups": "{not json"})
-    with pytest.raises(MaskFormatError, match="inconsistent contents"):
-        Mask.load(bad)
-    meta, tensors = _read(mask_path)
-    del tensors["g1.s0.index"]
-    save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=meta)
-    with pytest.raises(MaskFormatError, match="inconsistent contents.*g1.s0.index"):
-        Mask.load(tmp_path / "missing.safetensors")
-    bad = _rewrite(mask_path, tmp_path / "short.safetensors",
-                   tensor_update={"g0.frozen.explicit": torch.zeros(5, dtype=torch.uint8)})
-    with pytest.raises(MaskFormatError, match="has 128 units but"):
-        Mask.load(bad)
+    for resign in (False, True):  # without a matching checksum: damaged; with one: the field checks behind it
+        bad = _rewrite(mask_path, tmp_path / "nojson.safetensors", meta_update={"groups": "{not json"}, resign=resign)
+        with pytest.raises(MaskFormatError, match="damaged"):
+            Mask.load(bad)
+        meta, tensors = _read(mask_path)
+        del tensors["g1.s0.index"]
+        if resign:
+            meta["checksum"] = payload_checksum(meta, tensors)
+        save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=meta)
+        with pytest.raises(MaskFormatError, match="damaged.*" + ("g1.s0.index" if resign else "checksum")):
+            Mask.load(tmp_path / "missing.safetensors")
+        bad = _rewrite(mask_path, tmp_path / "short.safetensors", resign=resign,
+                       tensor_update={"g0.frozen.explicit": torch.zeros(5, dtype=torch.uint8)})
+        with pytest.raises(MaskFormatError, match="damaged.*" + ("g0.frozen.explicit" if resign else "checksum")):
+            Mask.load(bad)
 
 
 def test_class_names_are_stable():

@@ -121,7 +121,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..locate import locate_pretrained
+    from ..model_path import check_model_path, check_output_file
 
+    check_output_file(args.output, what="--output")  # before the work, not after it
+    check_model_path(args.model)
     cfg = config_from_args(args)
     tokenizer = None
     if args.tokenizer:
@@ -130,6 +133,13 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     mask = locate_pretrained(args.model, tokenizer, safety=args.safety, utility=args.utility, config=cfg,
                              task=args.task_data)
+    if not mask.digests:  # layer-by-layer mode never held the whole model: record the base values from disk
+        from pathlib import Path
+
+        from ..checkpoint import SafetensorsCheckpoint
+
+        if Path(args.model).is_dir():
+            mask.record_base(SafetensorsCheckpoint(args.model))
     path = mask.save(args.output)
     summary = mask.summary()
     summary["mask"] = str(path)

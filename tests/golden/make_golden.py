@@ -1,10 +1,12 @@
-"""Regenerate ``tests/golden/mask_v1.safetensors``, the file that pins mask format version 1.
+"""Regenerate ``tests/golden/mask_v2.safetensors``, the file that pins mask format version 2.
 
     python tests/golden/make_golden.py
 
-Only regenerate on purpose (a new format version gets a new golden file; v1 must stay readable). The mask is built
-from ``tiny_model("llama", seed=0)`` with a few frozen units and hand-set scores and classes, so every field of the
-format is present.
+Only regenerate on purpose (a new format version gets a new golden file). ``mask_v1.safetensors`` pins format
+version 1: it was written by ssah-plugin 0.1 from the same mask and is never regenerated (this release writes
+version 2 only); it must stay readable. The mask is built from ``tiny_model("llama", seed=0)`` with a few frozen
+units and hand-set scores and classes, so every field of the format is present (v2 adds the base-value digests
+and the checksum).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-GOLDEN = HERE / "mask_v1.safetensors"
+GOLDEN_V1 = HERE / "mask_v1.safetensors"  # format version 1, kept as written by ssah-plugin 0.1
+GOLDEN = HERE / "mask_v2.safetensors"
 FROZEN = {"model.layers.0.mlp": [0, 5, 127], "model.layers.1.self_attn": [3, 4, 63]}
 LIBRARY_VERSION = "0.1.0"  # written into the golden file, independent of the installed version
 
