@@ -189,6 +189,7 @@ class DeepSpeedEnforcer:
         self._previous_step = None
         self.attached = False
         self.restores = 0
+        self.base_check = None  # set by build_deepspeed_enforcer
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> None:
@@ -372,18 +373,33 @@ def _zero3_get_tensor(name: str, param: nn.Parameter) -> torch.Tensor | None:
 
 
 def build_deepspeed_enforcer(mask, model: nn.Module, policy: str | None, optimizer,
-                             check_fingerprint: bool = True) -> DeepSpeedEnforcer:
+                             check_fingerprint: bool = True, check_values: bool | None = None) -> DeepSpeedEnforcer:
     """Validate ``mask`` against a DeepSpeed model and return an enforcer ready to :meth:`~DeepSpeedEnforcer.attach`.
 
     ``optimizer`` is whatever the host holds: accelerate's ``DeepSpeedOptimizerWrapper``, the engine's ZeRO optimizer,
-    or (for raw engines) ``engine.optimizer``. Must run on every rank (ZeRO-3 fingerprinting gathers parameters).
+    or (for raw engines) ``engine.optimizer``. Must run on every rank (ZeRO-3 fingerprinting and the base-value check
+    gather parameters; every rank computes the same answer, so a refusal is raised on every rank).
     """
+    from .enforce import run_base_check
+    from .freeze import is_schedule_free
+
     zero_opt, torch_opt = _find_zero_optimizer(optimizer)
     _check_setup(zero_opt, model)
+    if is_schedule_free(torch_opt):
+        raise UnsupportedSetupError(
+            f"schedule-free optimizer {type(torch_opt).__name__} under DeepSpeed is not supported by ssah-plugin: it "
+            "keeps a second copy of every weight in its state (z), which ZeRO partitions and ssah-plugin does not "
+            "restore. Fix: use AdamW (optim=\"adamw_torch\") under DeepSpeed, or train the schedule-free optimizer "
+            "without DeepSpeed (single process or DDP)")
     zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
-    mask.validate(model, check_fingerprint=check_fingerprint, get_tensor=_zero3_get_tensor if zero3 else None)
+    get_tensor = _zero3_get_tensor if zero3 else None
+    mask.validate(model, check_fingerprint=check_fingerprint, get_tensor=get_tensor)
     slices = plan_frozen_slices(mask, model, policy)
-    return DeepSpeedEnforcer(slices, model, zero_opt, torch_opt)
+    report = run_base_check(mask, model, policy, check_values=check_fingerprint if check_values is None else
+                            check_values, get_tensor=get_tensor)
+    enforcer = DeepSpeedEnforcer(slices, model, zero_opt, torch_opt)
+    enforcer.base_check = report
+    return enforcer
 
 
 def deepspeed_enforce(engine, mask, policy: str | None = None, *, check_fingerprint: bool = True

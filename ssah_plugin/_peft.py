@@ -17,7 +17,9 @@ gradient masking during ``backward`` plus a restore after every ``optimizer.step
 with a snapshot, in the original module and in every adapter's copy (:func:`saved_copy_slices`). Trainable base
 biases (``bias="all"`` / ``"lora_only"``) are frozen by the generic path of :mod:`ssah_plugin.resolve`.
 
-Everything whose weight change is not ``B @ A`` on an unchanged base is refused at setup
+Everything whose weight change is not ``B @ A`` on an unchanged base is refused at setup, on every PEFT path
+(``PeftModel`` / ``get_peft_model``, TRL's ``peft_config=``, transformers' ``add_adapter``, and
+``peft.inject_adapter_in_model``, where the rewritten base weights fail the mask's base-value check)
 (:func:`check_peft_setup`): DoRA, PiSSA / OLoRA / LoftQ / CorDA / ... initialisations (they rewrite the base),
 other LoRA variants, AdaLoRA, LoHa, LoKr, IA3, VeRA, prompt learning, layer replication, ``target_parameters``.
 
@@ -61,9 +63,15 @@ _LORA_PARAM_PREFIXES = ("lora_A", "lora_B")
 
 # ---------------------------------------------------------------------------------------------------- set-up checks
 def _peft_configs(model: nn.Module) -> dict:
-    """``{adapter_name: config}`` of the PEFT model inside ``model`` (DDP / DeepSpeed wrappers looked through)."""
+    """``{adapter_name: config}`` of the PEFT model inside ``model`` (DDP / DeepSpeed wrappers looked through).
+
+    Found on ``PeftModel`` / the tuner, and on a transformers model that got its adapters from
+    ``model.add_adapter(config)`` (transformers' PEFT integration keeps the configs in ``model.peft_config``).
+    ``peft.inject_adapter_in_model`` keeps no config at all: a base-rewriting initialisation there is caught by the
+    base-value check (:func:`ssah_plugin.digest.check_base_values`), which sees the rewritten base weights.
+    """
     for m in model.modules():
-        if not type(m).__module__.startswith("peft."):
+        if not type(m).__module__.startswith("peft.") and not getattr(m, "_hf_peft_config_loaded", False):
             continue
         try:  # PeftModel (a property for prompt learning) and the tuner (LoraModel) both hold it
             cfg = getattr(m, "peft_config", None)

@@ -8,8 +8,14 @@ When each hook runs (transformers' training loop, without DeepSpeed):
 * ``on_init_end`` (end of ``Trainer.__init__``, callbacks passed to the constructor only): validates the mask against
   the model, so a wrong mask fails before any data loading.
 * ``on_train_begin`` (after ``accelerator.prepare``, PEFT wrapping and checkpoint loading; before the first
-  forward): validates again against the final parameters, snapshots the frozen slices, registers gradient hooks.
-  Under DeepSpeed it also wraps the ZeRO optimizer's ``step`` (which runs inside ``backward`` there).
+  forward; at every ``train()`` call, also after ``add_callback`` and on resume): validates again against the final
+  parameters, checks that the values about to be frozen are exactly the mask's base values (digests, mask format
+  v2), compares a resumed checkpoint's saved plugin state (frozen set, policy) with this run's, snapshots the frozen
+  slices, registers gradient hooks. Under DeepSpeed it also wraps the ZeRO optimizer's ``step`` (which runs inside
+  ``backward`` there). With TRL's ``BEMACallback`` in the same trainer, its EMA copy is kept exact too.
+* checkpoint saves: :meth:`SSAHCallback.state` (transformers' ``ExportableState``) writes the plugin's state into
+  ``trainer_state.json`` (``stateful_callbacks.SSAHCallback``): policy, frozen-set digest, digest of the frozen
+  values, mask checksum. A resume reads it back from the checkpoint's ``TrainerState``.
 * during ``backward()``: gradient hooks zero the frozen slices, so grad-norm clipping (which runs next) ignores them.
 * ``on_optimizer_step`` (right after ``optimizer.step()``, before the scheduler and ``zero_grad()``): writes the
   snapshot back into the frozen slices, bitwise.
@@ -24,8 +30,10 @@ import logging
 import warnings
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .enforce import MaskLike, build_enforcer, load_mask
+from .errors import ResumeMismatchError
 from .mask import Mask
 
 __all__ = ["SSAHCallback"]
@@ -33,7 +41,7 @@ __all__ = ["SSAHCallback"]
 logger = logging.getLogger(__name__)
 
 
-class SSAHCallback(TrainerCallback):
+class SSAHCallback(TrainerCallback, ExportableState):
     """Keep the mask's frozen units bit-exact during ``Trainer.train()``.
 
     Args:
@@ -48,8 +56,15 @@ class SSAHCallback(TrainerCallback):
         ...                      callbacks=[SSAHCallback("mask.safetensors", policy="scu+cu6")])
     """
 
-    def __init__(self, mask: MaskLike, policy: str | None = None, *, check_fingerprint: bool = True,
+    def __init__(self, mask: MaskLike | None = None, policy: str | None = None, *, check_fingerprint: bool = True,
                  grad_mode: str = "auto"):
+        if mask is None:
+            raise TypeError(
+                "SSAHCallback needs a mask (path or ssah_plugin.Mask). If this comes from "
+                "restore_callback_states_from_checkpoint=True: the callback was given a Mask object, which a "
+                "checkpoint cannot store; pass the mask as a file path, or leave that option off (the plugin reads "
+                "its saved state from the checkpoint either way)")
+        self._mask_source = str(mask) if not isinstance(mask, Mask) else None
         self.mask: Mask = load_mask(mask)
         self.policy = policy or self.mask.default_policy
         self.mask.frozen(self.policy)  # unknown policy -> error now, not at train time
@@ -59,6 +74,21 @@ class SSAHCallback(TrainerCallback):
         self._logged = False
         self._steps = 0
         self.summary: dict = {}
+        self.record: dict = self._record()
+        self._bema: list = []
+
+    # ------------------------------------------------------------------ saved with checkpoints
+    def _record(self, values_digest: str | None = None) -> dict:
+        return {"policy": self.policy, "frozen_set": self.mask.frozen_set_digest(self.policy),
+                "frozen_units": int(sum(int(s.sum()) for s in self.mask.frozen(self.policy))),
+                "mask_checksum": self.mask.checksum, "values_digest": values_digest,
+                "base_checked": False}
+
+    def state(self) -> dict:
+        """What each checkpoint records about the plugin (``trainer_state.json``), read back on resume."""
+        return {"args": {"mask": self._mask_source, "policy": self.policy, "check_fingerprint": self.check_fingerprint,
+                         "grad_mode": self.grad_mode},
+                "attributes": {"record": dict(self.record)}}
 
     # ------------------------------------------------------------------ set-up
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -74,13 +104,26 @@ class SSAHCallback(TrainerCallback):
         if self.enforcer is not None:  # a second train() call on the same trainer
             self.enforcer.detach()
         # After resume_from_checkpoint the weights are the checkpoint's (fine-tuned outside the frozen units): the
-        # fingerprint was checked against the base model in on_init_end; here only the structure is checked.
+        # fingerprint (a sample of whole tensors) is not compared then, but the frozen values are, exactly.
         resumed = state.global_step > 0
+        saved = _saved_record(state) if resumed else None
+        if resumed:
+            self._check_resume(saved, state)
         self.mask, self.enforcer = build_enforcer(
             self.mask, model, self.policy, optimizer=optimizer,
-            check_fingerprint=self.check_fingerprint and not resumed, grad_mode=self.grad_mode,
+            check_fingerprint=self.check_fingerprint and not resumed, check_values=self.check_fingerprint,
+            grad_mode=self.grad_mode,
         )
+        report = self.enforcer.base_check
+        if resumed:
+            self._check_resumed_values(saved, report)
+        self.record = self._record(report.values_digest if report is not None else None)
+        self.record["base_checked"] = bool(report is not None and report.complete and self.check_fingerprint)
+        if isinstance(getattr(state, "stateful_callbacks", None), dict):
+            # a checkpoint written without the plugin has no entry, and the Trainer's save would fail on it
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self.enforcer.attach()
+        self._hook_bema()
         self._move_to_front()
         self._steps = 0
         self.summary = {
@@ -94,6 +137,76 @@ class SSAHCallback(TrainerCallback):
             logger.info("ssah-plugin: freezing %d of %d units (%.2f%%, policy %s), %d weight elements",
                         self.summary["frozen_units"], self.summary["units"], 100 * self.summary["frozen_fraction"],
                         self.policy, self.summary["frozen_elements"])
+
+    # ------------------------------------------------------------------ resume
+    def _check_resume(self, saved: dict | None, state) -> None:
+        """Before anything is planned: is this run's frozen set the one the checkpoint was trained with?"""
+        if saved is None:
+            return  # written without the plugin: decided by the values (_check_resumed_values)
+        now = self._record()  # computed afresh (restore_callback_states_from_checkpoint may have set self.record)
+        if saved.get("frozen_set") != now["frozen_set"]:
+            was = f"{saved.get('frozen_units')} units under policy {saved.get('policy')!r}"
+            raise ResumeMismatchError(
+                f"resuming from a checkpoint (step {state.global_step}) trained with another frozen set: it froze "
+                f"{was} (mask {str(saved.get('mask_checksum'))[:12]}), this run freezes {now['frozen_units']} under "
+                f"policy {self.policy!r} (mask {now['mask_checksum'][:12]}); units frozen now but trained before "
+                f"would keep their trained values. Fix: resume with the mask and policy the checkpoint was trained "
+                f"with (policy={saved.get('policy')!r}), or start from the base model to train with the new ones")
+        if saved.get("mask_checksum") != now["mask_checksum"]:
+            logger.info("ssah-plugin: resuming with another mask file that freezes the same units")
+
+    def _check_resumed_values(self, saved: dict | None, report) -> None:
+        """After the base check: refuse what cannot be shown to hold the base values."""
+        base_ok = report is not None and report.complete and self.check_fingerprint  # mismatches raised already
+        if base_ok:
+            if saved is None:
+                logger.info("ssah-plugin: the checkpoint was written without SSAHCallback, but its frozen values "
+                            "are exactly the base's: continuing")
+            return
+        live = report.values_digest if report is not None else None
+        if saved is not None and saved.get("values_digest") and saved.get("values_digest") == live:
+            return  # same frozen values as when the checkpointed run started
+        if saved is None:
+            raise ResumeMismatchError(
+                "resuming from a checkpoint written without SSAHCallback, and this mask cannot prove that its frozen "
+                "values are still the base's (it holds no base digests: a format-1 mask or check_fingerprint=False). "
+                "Training on would freeze whatever the earlier run left there. Fix: start from the base model, or "
+                "upgrade the mask: Mask.load(path).record_base(base_model).save(path)")
+        raise ResumeMismatchError(
+            "the frozen values of the resumed checkpoint are not those its run froze (the weights were changed "
+            "after that run, or another base model is loaded). Fix: resume the unchanged checkpoint, or start from "
+            "the base model")
+
+    # ------------------------------------------------------------------ TRL's BEMACallback
+    def _hook_bema(self) -> None:
+        """Keep the EMA copy of TRL's ``BEMACallback`` (saved to ``output_dir/bema``) exact on frozen units.
+
+        BEMA updates ``ema = (1 - b) * ema + b * theta`` after every step: for a frozen value that is rounded again
+        each time (drift ~1e-8). We wrap that one instance's update so that right after it runs the frozen slices of
+        its EMA buffers and of its running model are written back. Only for the plain PyTorch host.
+        """
+        from .freeze import FreezeEngine
+
+        for cb in self._bema:
+            cb.__dict__.pop("_update_bema_weights", None)
+        self._bema = [c for c in _handler_callbacks(self) if type(c).__name__ == "BEMACallback"
+                      and callable(getattr(c, "_update_bema_weights", None))]
+        if not self._bema:
+            return
+        if not isinstance(self.enforcer, FreezeEngine):
+            warnings.warn("ssah-plugin: TRL's BEMACallback under DeepSpeed: its EMA copy (output_dir/bema) is not "
+                          "kept exact on frozen units; use the trained model, which is", RuntimeWarning, stacklevel=3)
+            self._bema = []
+            return
+        enforcer = self.enforcer
+        for cb in self._bema:
+            original = type(cb)._update_bema_weights.__get__(cb)
+
+            def update(step, cb=cb, original=original):
+                original(step)
+                _restore_bema(cb, enforcer)
+
+            cb._update_bema_weights = update
 
     def _move_to_front(self) -> None:
         """Run before the reporting callbacks so that our first ``on_log`` additions reach them.
@@ -144,3 +257,44 @@ class SSAHCallback(TrainerCallback):
 
 def _is_zero3(model) -> bool:
     return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def _saved_record(state) -> dict | None:
+    """The plugin record a resumed checkpoint's ``trainer_state.json`` holds (``None``: written without it)."""
+    saved = getattr(state, "stateful_callbacks", None) or {}
+    entry = saved.get(SSAHCallback.__name__) if isinstance(saved, dict) else None
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    if not isinstance(entry, dict):
+        return None
+    record = (entry.get("attributes") or {}).get("record")
+    return record if isinstance(record, dict) and record.get("frozen_set") else None
+
+
+def _handler_callbacks(cb) -> list:
+    """The Trainer's callback list that holds ``cb`` (found as in ``_move_to_front``), or ``[]``."""
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    for ref in gc.get_referrers(cb):
+        if (isinstance(ref, list) and any(c is cb for c in ref) and all(isinstance(c, TrainerCallback) for c in ref)
+                and any(isinstance(c, DefaultFlowCallback) for c in ref)):
+            return list(ref)
+    return []
+
+
+def _restore_bema(bema, enforcer) -> None:
+    """Write the frozen values into BEMA's EMA buffers and its running model (right after its update)."""
+    import torch
+
+    index_of = {id(p): i for i, p in enumerate(getattr(bema, "thetat_params", []))}
+    names = getattr(bema, "param_names", [])
+    run = getattr(bema, "running_model", None)
+    run_params = dict(run.named_parameters()) if run is not None else {}
+    with torch.no_grad():
+        for s, snap in zip(enforcer.slices, enforcer._snapshots):
+            i = index_of.get(id(s.param))
+            if i is None:
+                continue
+            for t in (bema.ema_params[i], run_params.get(names[i]) if i < len(names) else None):
+                if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
+                    t.index_copy_(s.axis, s.index.to(t.device), snap.to(device=t.device, dtype=t.dtype))

@@ -90,24 +90,66 @@ def build_enforcer(
     *,
     optimizer=None,
     check_fingerprint: bool = True,
+    check_values: bool | None = None,
     grad_mode: GradMode | str = "auto",
+    cover_untrainable: bool = True,
 ) -> tuple[Mask, Enforcer]:
     """Validate ``mask`` against ``model`` and return an attached-ready enforcer for the model's host.
 
+    ``check_values`` (default: ``check_fingerprint``) compares the values about to be frozen with the base digests
+    stored in the mask (:func:`ssah_plugin.digest.check_base_values`) and raises
+    :class:`~ssah_plugin.errors.FrozenValuesError` on any difference; its report is ``enforcer.base_check``.
     ``grad_mode="auto"`` uses in-place post-accumulation masking in a single process and tensor hooks (which run
-    before any reduction) when several processes train together.
+    before any reduction) when several processes train together. ``cover_untrainable`` also keeps the frozen slices
+    of parameters that do not require gradients now (progressive unfreezing); PEFT's frozen base weights excepted.
     """
     mask = load_mask(mask)
     from ._peft import check_peft_setup
 
     check_peft_setup(model)  # DoRA, PiSSA, prefix tuning, LoHa...: refused before any other check
+    if check_values is None:
+        check_values = check_fingerprint
     host = detect_host(model, optimizer)
     if host == "deepspeed":
         from ._deepspeed import build_deepspeed_enforcer
 
-        return mask, build_deepspeed_enforcer(mask, model, policy, optimizer, check_fingerprint=check_fingerprint)
+        return mask, build_deepspeed_enforcer(mask, model, policy, optimizer, check_fingerprint=check_fingerprint,
+                                              check_values=check_values)
     mask.validate(model, check_fingerprint=check_fingerprint)
     slices = plan_frozen_slices(mask, model, policy)
+    report = run_base_check(mask, model, policy, check_values=check_values)
     if grad_mode == "auto":
         grad_mode = "tensor" if _distributed() else "post_accumulate"
-    return mask, FreezeEngine(slices, grad_mode=grad_mode)  # type: ignore[arg-type]
+    engine = FreezeEngine(slices, grad_mode=grad_mode, cover_untrainable=cover_untrainable,  # type: ignore[arg-type]
+                          model=model)
+    if optimizer is not None:
+        engine.bind_optimizer(optimizer)
+    engine.base_check = report
+    return mask, engine
+
+
+def run_base_check(mask: Mask, model: nn.Module, policy: str | None, *, check_values: bool, get_tensor=None):
+    """:func:`ssah_plugin.digest.check_base_values`, raising :class:`FrozenValuesError` when ``check_values``."""
+    from .digest import check_base_values
+    from .errors import FrozenValuesError
+
+    report = check_base_values(mask, model, policy, get_tensor=get_tensor)
+    if check_values and report.mismatched:
+        n_bad = sum(m[1] for m in report.mismatched)
+        first = report.mismatched[0]
+        peft = any(type(m).__module__.startswith("peft.") for m in model.modules())
+        causes = ("the model (or the checkpoint being resumed) was fine-tuned without this mask or with a narrower "
+                  "policy, some unit's weights were replaced, or the model is another one")
+        if peft:
+            causes += ("; with PEFT: an initialisation that rewrites the base weights (PiSSA, OLoRA, LoftQ, CorDA, "
+                       "EVA, ...) or merged adapters")
+        raise FrozenValuesError(
+            f"the values ssah-plugin is about to freeze are not the mask's base values: {n_bad} frozen unit slice(s) "
+            f"differ in {len(report.mismatched)} tensor(s) (first: {first[0]}, {first[1]} of {first[2]} frozen "
+            f"units). Cause: {causes}. Fix: start from the base model the mask was made from (or resume a checkpoint "
+            "trained with this mask and policy), or pass the mask made for these weights (ssah-plugin locate "
+            "--model ...); check_fingerprint=False skips this check if you really mean to freeze other values")
+    if check_values and not report.complete:
+        logger.info("ssah-plugin: base values not checked for %d frozen slice(s) (first: %s)",
+                    len(report.unchecked), report.unchecked[0] if report.unchecked else "-")
+    return report

@@ -24,10 +24,11 @@ import logging
 from typing import Iterator, Literal
 
 import torch
+from torch import nn
 
 from .resolve import FrozenSlice
 
-__all__ = ["FreezeEngine", "GradMode"]
+__all__ = ["FreezeEngine", "GradMode", "is_schedule_free"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,34 @@ def _on(index: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
     return cache[key]
 
 
+#: optimizer state entries that hold a copy of the parameter (schedule-free's z, its reference variants' x / y)
+_PARAM_STATE_KEYS = ("z", "x", "y")
+
+
+def is_schedule_free(optimizer) -> bool:
+    """True for schedule-free optimizers (``schedulefree`` package, or any with ``train_mode`` in its groups)."""
+    if type(optimizer).__module__.split(".")[0] == "schedulefree":
+        return True
+    groups = getattr(optimizer, "param_groups", None) or []
+    return any(isinstance(g, dict) and "train_mode" in g for g in groups) or hasattr(optimizer, "train_mode")
+
+
+@torch.no_grad()
+def _sync_state(optimizer, slices: list[FrozenSlice], snapshots: list[torch.Tensor]) -> None:
+    """Write the frozen values into the parameter-valued state of a schedule-free optimizer (see bind_optimizer)."""
+    state = getattr(optimizer, "state", None)
+    if not state:
+        return
+    for s, snap in zip(slices, snapshots):
+        st = state.get(s.param)
+        if not st:
+            continue
+        for key in _PARAM_STATE_KEYS:
+            t = st.get(key)
+            if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
+                t.index_copy_(s.axis, s.index.to(t.device), snap.to(device=t.device, dtype=t.dtype))
+
+
 class FreezeEngine:
     """Keep a list of :class:`~ssah_plugin.resolve.FrozenSlice` exact on plain PyTorch parameters.
 
@@ -72,14 +101,34 @@ class FreezeEngine:
     ``optimizer.step()``; :meth:`detach` at the end.
     """
 
-    def __init__(self, slices: list[FrozenSlice], grad_mode: GradMode = "tensor"):
+    def __init__(self, slices: list[FrozenSlice], grad_mode: GradMode = "tensor", *, cover_untrainable: bool = False,
+                 model: nn.Module | None = None):
         if grad_mode not in ("tensor", "post_accumulate", "none"):
             raise ValueError(f"grad_mode must be 'tensor', 'post_accumulate' or 'none', got {grad_mode!r}")
-        self.slices = [s for s in slices if s.param.requires_grad]
+        self.slices = [s for s in slices
+                       if s.param.requires_grad or (cover_untrainable and not s.meta.get("peft_base"))]
         self.grad_mode = grad_mode
+        self.model = model
+        self.base_check = None  # set by ssah_plugin.enforce.build_enforcer
         self._snapshots: list[torch.Tensor] = []
         self._handles: list = []
+        self._hooked: set[int] = set()
+        self._watch = None
+        self._state_optimizers: list = []
         self.attached = False
+
+    def bind_optimizer(self, optimizer) -> None:
+        """Keep the frozen entries of ``optimizer``'s parameter-valued state exact too (schedule-free optimizers).
+
+        Schedule-free optimizers (the ``schedulefree`` package; ``optim="schedule_free_*"`` in transformers) keep a
+        second copy of every weight (``state["z"]``; reference variants ``"x"`` / ``"y"``) and rewrite the parameters
+        from it when switched with ``optimizer.eval()`` / ``train()``. Restoring only the parameters would let weight
+        decay move ``z`` and the switch move the frozen values; so :meth:`after_step` writes the snapshot into those
+        state entries too, and with ``p == z == base`` on frozen slices every ``lerp`` between them is exact.
+        """
+        from .enforce import unwrap_optimizer
+
+        self._state_optimizers = [o for o in unwrap_optimizer(optimizer) if is_schedule_free(o)]
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> "FreezeEngine":
@@ -92,13 +141,24 @@ class FreezeEngine:
                 else torch.full_like(s.param.index_select(s.axis, s.index), s.fill)
                 for s in self.slices
             ]
-        if self.grad_mode != "none":
-            for s in self.slices:
-                self._handles.append(self._register(s))
+        self._ensure_hooks()
+        if self.model is not None and any(not s.param.requires_grad for s in self.slices):
+            # A parameter unfrozen later gets its gradient hook before its first backward (forward pre-hook).
+            self._watch = self.model.register_forward_pre_hook(lambda module, args: self._ensure_hooks())
         self.attached = True
         # A slice with a fixed fill (LoRA rows at zero) must hold from the start.
         self.after_step()
         return self
+
+    def _ensure_hooks(self) -> None:
+        """Register gradient hooks on every frozen parameter that requires gradients and has none yet."""
+        if self.grad_mode == "none":
+            return
+        for s in self.slices:
+            key = id(s)
+            if key not in self._hooked and s.param.requires_grad:
+                self._handles.append(self._register(s))
+                self._hooked.add(key)
 
     def _register(self, s: FrozenSlice):
         axis, index, cache = s.axis, s.index, {}
@@ -126,17 +186,28 @@ class FreezeEngine:
         with _small_op_threads(self.slices[0].param.device):
             for i, (s, snap) in enumerate(zip(self.slices, self._snapshots)):
                 dev = s.param.device
-                if snap.device != dev:  # the model was moved after attach (accelerate.prepare, .to())
-                    snap = self._snapshots[i] = snap.to(dev)
+                if snap.device != dev or snap.dtype != s.param.dtype:
+                    # The model was moved (accelerate.prepare, .to()) or cast (model.to(torch.bfloat16)) after
+                    # attach. A cast rounds the base values exactly as the snapshot's cast does, so following it
+                    # keeps the frozen values those of the base in the new dtype.
+                    snap = self._snapshots[i] = snap.to(device=dev, dtype=s.param.dtype)
                 if s.index.device != dev:
                     s.index = s.index.to(dev)
                 s.param.index_copy_(s.axis, s.index, snap)
+            for opt in self._state_optimizers:
+                _sync_state(opt, self.slices, self._snapshots)
+        if self._watch is not None:
+            self._ensure_hooks()
 
     def detach(self) -> None:
         """Remove the gradient hooks (the snapshot is kept for :meth:`max_drift`)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked.clear()
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
         self.attached = False  # a later attach() takes a new snapshot and registers the hooks again
 
     # ------------------------------------------------------------------ checks
@@ -145,7 +216,8 @@ class FreezeEngine:
         """Largest absolute difference between any frozen value and its snapshot (0.0 when exact)."""
         worst = 0.0
         for s, snap in zip(self.slices, self._snapshots):
-            cur = s.param.index_select(s.axis, s.index)
+            cur = s.param.index_select(s.axis, s.index.to(s.param.device))
+            snap = snap.to(device=cur.device, dtype=cur.dtype)
             if not torch.equal(cur, snap):
                 worst = max(worst, float((cur.double() - snap.double()).abs().max()))
         return worst

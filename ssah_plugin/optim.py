@@ -3,9 +3,14 @@
     optimizer = SSAHOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1),
                               model, "mask.safetensors")
 
-When it acts: at construction it validates the mask, snapshots the frozen slices and registers gradient hooks
-(so the *next* ``backward()`` already produces zero gradients on frozen slices, before you clip); every
-``step()`` runs the wrapped optimizer's step and then writes the snapshot back, before you call ``zero_grad()``.
+When it acts: at construction it validates the mask, checks that the values to freeze are the mask's base values
+(digests), snapshots the frozen slices and registers gradient hooks (so the *next* ``backward()`` already produces
+zero gradients on frozen slices, before you clip); every ``step()`` runs the wrapped optimizer's step and then
+writes the snapshot back, before you call ``zero_grad()``. Parameters that do not require gradients at
+construction are covered too: unfreeze them later (progressive unfreezing) and their frozen units stay exact, with
+gradient hooks added before their first backward. A cast of the model (``model.to(torch.bfloat16)``) after
+construction is followed. Schedule-free optimizers (``schedulefree``) are exact too: their ``z`` state is kept on
+the frozen values, and ``train()`` / ``eval()`` are forwarded.
 Everything else (``param_groups``, ``state``, ``state_dict``, ``zero_grad``, LR schedulers, accelerate's
 ``prepare``) goes to the wrapped optimizer.
 
@@ -46,7 +51,9 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self._wrapping = True  # add_param_group calls from torch's __init__ must not reach the inner optimizer
         self.optimizer = optimizer
         self.mask, self.enforcer = build_enforcer(mask, model, policy, optimizer=None,
-                                                  check_fingerprint=check_fingerprint, grad_mode=grad_mode)
+                                                  check_fingerprint=check_fingerprint, grad_mode=grad_mode,
+                                                  cover_untrainable=True)
+        self.enforcer.bind_optimizer(optimizer)  # schedule-free: its z copy of the weights is kept exact too
         self.policy = policy or self.mask.default_policy
         self._check_params_covered(model)
         # Initialise torch's Optimizer bookkeeping (hooks, profiling names), then share the inner state.
@@ -62,7 +69,8 @@ class SSAHOptimizer(torch.optim.Optimizer):
 
     def _check_params_covered(self, model: nn.Module) -> None:
         owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        if not any(id(s.param) in owned for s in self.enforcer.slices) and self.enforcer.slices:
+        trainable = [s for s in self.enforcer.slices if s.param.requires_grad]
+        if trainable and not any(id(s.param) in owned for s in trainable):
             raise UnsupportedSetupError(
                 "none of the frozen parameters is in this optimizer: was it built for another model (or before PEFT "
                 "wrapped the model)? Build the optimizer from the model you pass here")
@@ -76,6 +84,17 @@ class SSAHOptimizer(torch.optim.Optimizer):
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._restore()
         return loss
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes not found normally: schedule-free optimizers' train() / eval() (and the
+        # train_mode flag) are the wrapped optimizer's, and exist here exactly when they exist there, so
+        # `hasattr(optimizer, "train")` (transformers, accelerate) answers as for the wrapped one.
+        if name in ("train", "eval", "train_mode"):
+            inner = self.__dict__.get("optimizer")
+            if inner is not None and hasattr(inner, name):
+                return getattr(inner, name)
+        raise AttributeError(f"{type(self).__name__!s} (wrapping {type(self.__dict__.get('optimizer')).__name__}) has "
+                             f"no attribute {name!r}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

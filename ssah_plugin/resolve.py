@@ -64,6 +64,24 @@ def find_weight(root: nn.Module, module_path: str, pname: str) -> nn.Parameter |
     return p if isinstance(p, torch.Tensor) else None
 
 
+def _refuse_parametrized(root: nn.Module, module_path: str, pname: str) -> None:
+    """Refuse a unit-bearing weight computed by ``torch.nn.utils.parametrize`` (it is not a tensor we can restore)."""
+    from torch.nn.utils import parametrize
+
+    from .errors import UnsupportedSetupError
+
+    mod = find_module(root, module_path)
+    while mod is not None and _is_tuner_layer(mod):
+        mod = mod.base_layer
+    if mod is not None and parametrize.is_parametrized(mod, pname):
+        raise UnsupportedSetupError(
+            f"{module_path}.{pname} is parametrized (torch.nn.utils.parametrize: "
+            f"{', '.join(type(p).__name__ for p in mod.parametrizations[pname])}): the weight is computed from other "
+            "tensors at every forward, so its frozen units cannot be restored slice by slice. Fix: bake the "
+            f"parametrization in before training (torch.nn.utils.parametrize.remove_parametrizations(module, "
+            f"{pname!r}, leave_parametrized=True)), or train without it")
+
+
 def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> list[FrozenSlice]:
     """Every frozen slice of ``model`` under ``policy``, one entry per (parameter, axis).
 
@@ -93,13 +111,15 @@ def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> lis
             out.extend(saved_copy_slices(copies, pname, axis, roles[(module_path, pname, axis)], idx))
             continue
         mod = find_module(root, module_path)
-        if mod is not None and _is_tuner_layer(mod):
+        tuner = mod is not None and _is_tuner_layer(mod)
+        if tuner:
             peft_layers.append((mod, f"{module_path}.{pname}", roles[(module_path, pname, axis)], idx))
+        _refuse_parametrized(root, module_path, pname)
         param = find_weight(root, module_path, pname)
         if param is None:  # validate() reports this; keep planning total
             continue
         out.append(FrozenSlice(f"{module_path}.{pname}", param, axis, idx.to(param.device),
-                               meta={"role": roles[(module_path, pname, axis)]}))
+                               meta={"role": roles[(module_path, pname, axis)], "peft_base": tuner}))
     if peft_layers:
         from ._peft import adapter_slices
 

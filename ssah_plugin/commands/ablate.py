@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import load_benign, load_harmful, load_model
     from ..locate import ablation_study, resolve_device
     from ..mask import Mask
+    from ..model_path import check_model_path
 
+    check_model_path(args.model)
     mask = Mask.load(args.mask)
     device = resolve_device(args.device)
     model, tok = load_model(args.model, dtype=args.dtype or ("float32" if device.type == "cpu" else None),
