@@ -45,6 +45,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "replay+scu+cu6": {"replay": True, "policy": "scu+cu6"},
     "constrained": {"constrained": True},                   # token-wise constrained objective (Qi et al. 2024)
     "constrained+scu+cu6": {"constrained": True, "policy": "scu+cu6"},
+    "decision": {"policy": "decision:0.05"},              # locate's decision units (prompt-end separation)
+    "conflict": {"policy": "conflict:0.05"},              # locate's task-conflict units (--task-data)
+    "replay+decision": {"replay": True, "policy": "decision:0.05"},
 }
 #: the arm the headline command compares with plain fine-tuning (the product's recommended recipe)
 RECIPE = "replay"
@@ -313,9 +316,13 @@ def st_locate(args) -> dict:
         util = benign_splits()["calib"][: args.utility_samples]
         (out / "utility.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in util))
         model, tok = load(args.model)
+        # decision units (prompt-end separation) and task-conflict units (gradients on a sample of the fine-tuning
+        # pool, the "user's data", against the refusal loss) are stored next to the paper's classes
+        task = [{"prompt": benign_prompt(r), "response": r["output"]} for r in benign_splits()["finetune"][:64]]
         cfg = LocateConfig(max_samples=max(len(safety), len(util)), batch_size=4, max_length=args.max_len,
-                           device="cpu", seed=0)
-        mask = locate(model, tok, safety=str(out / "safety.jsonl"), utility=str(out / "utility.jsonl"), config=cfg)
+                           device="cpu", seed=0, decision_units=True, task_max_samples=len(task))
+        mask = locate(model, tok, safety=str(out / "safety.jsonl"), utility=str(out / "utility.jsonl"), config=cfg,
+                      task=task)
         mask.save(out / "mask.safetensors")
         return {"mask": "locate/mask.safetensors", "n_units": mask.n_units, "safety_samples": len(safety),
                 "utility_samples": len(util),
@@ -413,9 +420,25 @@ def st_eval_ft(args, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- drivers
+def committed(args, name: str) -> dict | None:
+    """The stage's result as committed in the repository (``--results``), if any."""
+    f = args.results / f"{name.replace('+', '_')}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def done_anywhere(args, stage: str) -> bool:
+    """Done in the cache, or committed by an earlier session (a fresh machine need not redo it). Stages whose files
+    later stages read (refusals, locate, a checkpoint not yet evaluated) count only when done in this cache."""
+    if load_result(args, stage) is not None:
+        return True
+    if stage in ("fetch", "refusals", "locate") or committed(args, stage) is None:
+        return False
+    return not stage.startswith("ft-") or committed(args, f"eval-{stage}") is not None
+
+
 def run_one(args, stage: str) -> None:
     """Each stage in its own process (memory is returned between stages; a crash stops only that stage)."""
-    if load_result(args, stage) is not None:
+    if done_anywhere(args, stage):
         log.info("stage %s: already done", stage)
         return
     cmd = [sys.executable, str(Path(__file__).resolve()), stage, "--cache", str(args.cache), "--model", args.model,
