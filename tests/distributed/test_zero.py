@@ -20,7 +20,8 @@ LAUNCHES: dict[str, list[str]] = {
     "zero2": ["trainer-z2-fp32", "trainer-z2-fp32-control", "trainer-z2-bf16-dsopt", "sft-z2-bf16", "dpo-z2-fp32",
               "sft-z2-bf16-lora", "raw-z2-fp32", "trainer-z2-bf16-resume", "trainer-z2-fp32-offload",
               "trainer-z2-fp32-ssahopt", "trainer-z2-fp32-ssahopt-dsopt", "raw-z2-fp32-offload", "raw-z0-bf16",
-              "raw-z0-fp32", "sft-z2-fp32", "dpo-z2-bf16"],
+              "raw-z0-fp32", "sft-z2-fp32", "dpo-z2-bf16", "trainer-z2-fp32-resume-noplugin",
+              "trainer-z2-bf16-resume-wider", "trainer-z2-fp32-resume-addcb"],
     "zero3": ["trainer-z3-bf16", "sft-z3-fp32", "dpo-z3-bf16", "sft-z3-fp32-lora", "raw-z3-bf16-resume",
               "trainer-z3-fp32-resume", "sft-z3-bf16-gc", "dpo-z3-fp32"],
     "zero1_ddp": ["trainer-ddp-fp32", "sft-ddp-bf16", "trainer-z1-fp32", "trainer-z1-bf16", "sft-z1-bf16",
@@ -33,8 +34,15 @@ REFUSED = {
     "trainer-z2-fp32-ssahopt": "SSAHCallback",
     "trainer-z2-fp32-ssahopt-dsopt": "SSAHCallback",
 }
+#: resumes that must be refused at train() start, on every rank: scenario -> (error class, text in the message)
+REFUSED_RESUME = {
+    "trainer-z2-fp32-resume-noplugin": ("FrozenValuesError", "not the mask's base values"),
+    "trainer-z2-bf16-resume-wider": ("ResumeMismatchError", "another frozen set"),
+    "trainer-z2-fp32-resume-addcb": ("FrozenValuesError", "not the mask's base values"),
+}
 CONTROLS = {"trainer-z2-fp32-control"}
-EXACT = [s for names in LAUNCHES.values() for s in names if s not in REFUSED and s not in CONTROLS]
+EXACT = [s for names in LAUNCHES.values() for s in names
+         if s not in REFUSED and s not in CONTROLS and s not in REFUSED_RESUME]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def jobs(tmp_path_factory):
     def get(scenario: str):
         key = next(k for k, names in LAUNCHES.items() if scenario in names)
         if key not in cache:
-            cache[key] = launch(tmp_path_factory.mktemp(key), LAUNCHES[key], timeout=560)
+            cache[key] = launch(tmp_path_factory.mktemp(key), LAUNCHES[key], timeout=800 if key == "zero2" else 560)
         return cache[key]
 
     return get
@@ -112,6 +120,18 @@ def test_unsupported_setups_refused_at_setup(jobs, scenario):
         assert not m["ok"], f"{scenario} rank {rank} should have been refused"
         assert m["error_type"] == "UnsupportedSetupError", m.get("traceback")
         assert REFUSED[scenario] in m["error"] and "Fix" in m["error"]
+
+
+@pytest.mark.parametrize("scenario", sorted(REFUSED_RESUME))
+def test_mismatching_resume_refused_on_every_rank(jobs, scenario):
+    """Issue 11, item 1 under ZeRO-2: a resume that would freeze values other than the base's is refused."""
+    error_type, text = REFUSED_RESUME[scenario]
+    markers = jobs(scenario).markers(scenario)
+    assert len(markers) == NPROC
+    for rank, m in enumerate(markers):
+        assert not m["ok"], f"{scenario} rank {rank} should have been refused"
+        assert m["error_type"] == error_type, m.get("traceback")
+        assert text in m["error"] and "Fix" in m["error"]
 
 
 @pytest.mark.parametrize("trainer", ["sft"])

@@ -7,7 +7,10 @@ Launched by :mod:`tests.distributed.launch` (``torchrun --nproc_per_node 2``, gl
 A scenario name is ``host-stage-dtype[-flag...]``: host in trainer / sft / dpo / raw / ddp; stage z0..z3 (or ddp);
 dtype fp32 / bf16; flags: ``lora``, ``dsopt`` (DeepSpeed config ``"optimizer"`` block), ``resume`` (save, then
 resume from the checkpoint in a second Trainer), ``offload`` (expects a refusal), ``ga1`` (no accumulation),
-``control`` (the same job without the plugin: drift must show, proving the check can fail), ``ssahopt``
+``control`` (the same job without the plugin: drift must show, proving the check can fail), with ``resume``:
+``noplugin`` (the saved run had no plugin: the resume must be refused), ``wider`` (the resume freezes a wider
+stored policy than the saved run: refused), ``addcb`` (the saved run had no plugin and the resume adds the callback
+with ``trainer.add_callback``: refused); ``ssahopt``
 (``Trainer(optimizers=(SSAHOptimizer(...), None))`` instead of the callback: refused under ZeRO), ``gc`` (gradient
 checkpointing on, TRL's default).
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with the measured drifts (or the error raised), so the test
@@ -79,6 +82,8 @@ def build(dtype: torch.dtype):
 
     model = tiny_model("llama", seed=0, dtype=dtype)
     mask = Mask.from_units(model, FROZEN)
+    wide = Mask.from_units(model, {**FROZEN, "model.layers.0.self_attn": [0, 1, 2]}, policy="wide")
+    mask.stored["wide"] = wide.stored["wide"]  # a superset of the default policy, for the wider-policy resume
     ref = {s.name: s.param.detach().index_select(s.axis, s.index).clone()
            for s in plan_frozen_slices(mask, model, None)}
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -234,7 +239,7 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
     probe = StepProbe(cb)
     callbacks = [] if extra.get("control") else [cb, probe]  # control: same job without the plugin
 
-    def make(max_steps: int, save: bool, model):
+    def make(max_steps: int, save: bool, model, callbacks=callbacks):
         kw = dict(max_steps=max_steps)
         if save:
             kw.update(save_strategy="steps", save_steps=max_steps)
@@ -261,9 +266,10 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
 
     zero = stage is not None and stage > 0
     if extra.get("resume"):
-        trainer = make(2, save=True, model=model)
+        first_callbacks = [] if extra.get("noplugin") or extra.get("addcb") else callbacks
+        trainer = make(2, save=True, model=model, callbacks=first_callbacks)
         trainer.train()
-        first = measure(trainer.model, mask, ref, full, zero, cb.enforcer)
+        first = measure(trainer.model, mask, ref, full, zero, cb.enforcer if first_callbacks else None)
         ckpt = os.path.join(tmp, "checkpoint-2")
         del trainer
         gc.collect()
@@ -271,7 +277,12 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
 
         unset_hf_deepspeed_config()  # as in a fresh process: the model is built before the training arguments
         model2 = build(dtype)[0]  # from the same base weights
-        trainer = make(4, save=False, model=model2)
+        if extra.get("wider"):
+            cb = SSAHCallback(mask, policy="wide")
+            callbacks = [cb, probe]
+        trainer = make(4, save=False, model=model2, callbacks=[] if extra.get("addcb") else callbacks)
+        if extra.get("addcb"):
+            trainer.add_callback(cb)
         trainer.train(resume_from_checkpoint=ckpt)
         res = measure(trainer.model, mask, ref, full, zero, cb.enforcer)
         res["first_phase"] = first
