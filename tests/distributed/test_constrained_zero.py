@@ -5,10 +5,6 @@ One launch runs the scenarios of ``constrained_worker.py`` in sequence; the asse
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from .launch import NPROC, ROOT, Job, free_port, job_env  # noqa: E402
+from .launch import launch  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -25,25 +21,9 @@ SCENARIOS = ["trainer-z2-fp32", "sft-z2-bf16", "trainer-z1-fp32", "sft-ddp-fp32"
 TRAINED = ["trainer-z2-fp32", "sft-z2-bf16", "trainer-z1-fp32", "sft-ddp-fp32"]
 
 
-def _launch(out_dir: Path, timeout: float = 560) -> Job:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out_dir), *SCENARIOS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own process group only
-        log, _ = proc.communicate()
-        code, log = -1, f"timed out after {timeout}s\n{log}"
-    (out_dir / "launch.log").write_text(log)
-    return Job(out_dir, code, log)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("constrained_zero"))
+    return launch(tmp_path_factory.mktemp("constrained_zero"), SCENARIOS, timeout=560, worker=WORKER)
 
 
 @pytest.mark.parametrize("scenario", TRAINED)
