@@ -13,9 +13,11 @@ Tiers of use:
 from ._version import __version__
 from .errors import (
     DataError,
+    FrozenValuesError,
     MaskFormatError,
     MaskMismatchError,
     MissingExtraError,
+    ResumeMismatchError,
     SSAHError,
     UnsupportedArchitectureError,
     UnsupportedSetupError,
@@ -54,6 +56,8 @@ __all__ = [
     "UnsupportedSetupError",
     "DataError",
     "MissingExtraError",
+    "FrozenValuesError",
+    "ResumeMismatchError",
 ]
 
 

@@ -250,12 +250,68 @@ def write_summary(cache: Path | None = None, stages_dir: Path = STAGES, out: Pat
     return summary
 
 
+def readme_block(summary: dict) -> str:
+    """The short table README shows: base, plain and the best arm of the benign setting (numbers from summary)."""
+    arms = {a["arm"]: a for a in summary["arms"] if a["setting"] == "benign"}
+    b = summary["base"]
+    lines = ["| | refusal, AdvBench | refusal, reply prefilled | benign held-out loss | false refusals | seeds |",
+             "|---|---|---|---|---|---|",
+             f"| base model | {_pct(b['refusal'])} | {_pct(b['prefill_refusal'])} | {b['benign_loss']:.3f} | "
+             f"{_pct(b['false_refusal'])} | |"]
+    for name, label in (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only"),
+                        ("replay", "**recipe: own-refusal replay (5%)**"),
+                        ("replay+scu+cu6", "replay + freezing `scu+cu6`")):
+        a = arms.get(name)
+        if a is None:
+            continue
+        lines.append(f"| {label} | {_pct(a.get('refusal'))} | {_pct(a.get('prefill_refusal'))} | "
+                     f"{a['benign_loss']:.3f} | {_pct(a['false_refusal'])} | {len(a['seeds'])} |")
+    rec = arms.get("replay")
+    if rec and rec.get("refusal_kept"):
+        k = rec["refusal_kept"]
+        lines += ["", f"Replay kept {_kept_str(k)} of the refusals plain fine-tuning lost (kept fraction, 95% paired "
+                      f"bootstrap interval; above 1 means more refusals than the base), exact McNemar p = "
+                      f"{rec['refusal_mcnemar']['p']:.2g} over {rec['refusal']['n']} paired prompts x seeds. "
+                      f"Recommended by the study's rule: {summary.get('recommended') or 'not yet'} "
+                      f"({summary.get('why')})."]
+    return "\n".join(lines)
+
+
+def fill(path: Path, marker: str, text: str) -> None:
+    """Replace the text between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in ``path``."""
+    doc = path.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {begin} ... {end} block")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text.rstrip() + "\n" + end + rest.split(end, 1)[1])
+
+
+def write_docs(summary: dict) -> None:
+    """The generated parts of docs/results-real-model.md and README.md."""
+    doc = ["Generated from `benchmarks/results/real_model/summary.json` by `python benchmarks/real_model/summarize.py "
+           "--write-docs`.", "", headline_table(summary), "", "![summary](../benchmarks/results/real_model/summary.png)",
+           "", "Per run (seed): refusal rate / prefilled refusal rate / benign loss / false refusals / optimizer steps "
+           "/ training time:", ""]
+    for r in sorted(summary["runs"], key=lambda r: (r["setting"], r["arm"], r["seed"])):
+        doc.append(f"- {r['setting']} / {r['arm']} / seed {r['seed']}: {100 * r['refusal']['rate']:.0f}% / "
+                   + (f"{100 * r['prefill_refusal']['rate']:.0f}%" if r.get("prefill_refusal") else "–")
+                   + f" / {r['benign_loss']:.4f} / {100 * r['false_refusal']['rate']:.1f}% / {r['steps']} steps ("
+                   f"{r['rows']} rows) / {r['train_s']:.0f} s")
+    fill(REPO / "docs" / "results-real-model.md", "results", "\n".join(doc))
+    fill(REPO / "README.md", "readme-results", readme_block(summary))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=Path, default=STAGES)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--write-docs", action="store_true",
+                   help="also rewrite the generated parts of docs/results-real-model.md and README.md")
     args = p.parse_args(argv)
     s = write_summary(None, args.stages, args.out)
+    if args.write_docs:
+        write_docs(s)
     print(headline_table(s))
     return 0
 
