@@ -73,13 +73,17 @@ def _check_k(k: Any) -> int | str:
 
 
 def prefill_inputs(tokenizer, prompts: Sequence[Prompt], targets: Sequence[str], k: int | str,
-                   system: str | None = None) -> list[list[int]]:
+                   system: str | None = None, short: str = "error") -> list[list[int]]:
     """Model inputs of the prefill attack: chat prompt ids (``add_generation_prompt=True``) followed by the first
     ``k`` token ids of each target (tokenised on its own, no special tokens; ``"full"``: all of them).
 
-    Raises :class:`DataError` when ``k`` exceeds a target's length, naming the first prompt index.
+    A target shorter than ``k`` tokens: ``short="error"`` raises :class:`DataError` naming the first prompt index;
+    ``short="cap"`` prefills that prompt with its whole target (AdvBench has targets of 9 tokens, so K = 10 or 20
+    needs it; :func:`prefill_attack` reports how many prompts were capped).
     """
     k = _check_k(k)
+    if short not in ("error", "cap"):
+        raise ValueError(f"short must be 'error' or 'cap', got {short!r}")
     if len(prompts) != len(targets):
         raise DataError(f"prefill needs one target per prompt, got {len(prompts)} prompts and {len(targets)} targets")
     out = []
@@ -87,9 +91,10 @@ def prefill_inputs(tokenizer, prompts: Sequence[Prompt], targets: Sequence[str],
         t = list(tokenizer(target, add_special_tokens=False)["input_ids"])
         if not t:
             raise DataError(f"prefill target {i} is empty")
-        if k != "full" and k > len(t):
+        if k != "full" and k > len(t) and short == "error":
             raise DataError(f"prefill K={k} is longer than the target of prompt {i} ({len(t)} tokens of this "
-                            "tokenizer); use a smaller K or 'full'")
+                            "tokenizer); use a smaller K, 'full', or short='cap' (--prefill-short cap) to prefill "
+                            "such prompts with their whole target")
         out.append(prompt_ids(tokenizer, prompt, system) + (t if k == "full" else t[:k]))
     return out
 
@@ -113,11 +118,13 @@ def prefill_attack(
     judge: RefusalJudge | None = None,
     system: str | None = None,
     progress: bool = True,
+    short: str = "error",
 ) -> dict:
     """Attack success rate as a function of the prefill length K (see the module docstring).
 
     Every K is checked against every target before anything is generated. ``wilson95`` is the 95% Wilson interval
-    of the ASR.
+    of the ASR. ``short``: what a target shorter than K gets (:func:`prefill_inputs`); with ``"cap"`` each K's
+    result counts the prompts that were prefilled with their whole, shorter target (``n_capped``).
 
     Returns:
         ``{"ks": [...], "per_k": {str(k): {"n", "n_attack_success", "asr", "refusal_rate", "wilson95",
@@ -135,9 +142,10 @@ def prefill_attack(
     ks = list(dict.fromkeys(_check_k(k) for k in ks))
     if not ks:
         raise DataError("prefill_attack needs at least one K")
-    inputs = {k: prefill_inputs(tokenizer, prompts, targets, k, system) for k in ks}  # validates all K first
-    out: dict[str, Any] = {"ks": ks, "per_k": {},
-                           "target_tokens": [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets],
+    inputs = {k: prefill_inputs(tokenizer, prompts, targets, k, system, short) for k in ks}  # validates all K first
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets]
+    out: dict[str, Any] = {"ks": ks, "per_k": {}, "short": short,
+                           "target_tokens": lengths,
                            "judge": judge.config(),
                            "generation": {"max_new_tokens": max_new_tokens, "system": system}}
     for k in ks:
@@ -146,6 +154,7 @@ def prefill_attack(
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
         res = _judged(judge, texts)
         res["continuations"] = texts
+        res["n_capped"] = 0 if k == "full" else sum(1 for n in lengths if n < k)
         out["per_k"][str(k)] = res
         logger.info("prefill K=%s: ASR %.1f%% of %d prompts", k, 100.0 * res["asr"], res["n"])
     return out

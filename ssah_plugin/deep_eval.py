@@ -36,6 +36,7 @@ class DeepConfig:
 
     attacks: tuple[str, ...] = ATTACKS
     ks: tuple = DEFAULT_KS
+    prefill_short: str = "cap"  #: a target shorter than K: prefill it whole ("cap", counted) or raise ("error")
     framings: Sequence[Framing] | None = None  #: default: the shipped framings
     depth: bool = True  #: refusal log-odds, reply KL to the base, refusal direction
     over_refusal: bool = True
@@ -53,6 +54,8 @@ class DeepConfig:
             raise DataError(f"unknown attack(s) {bad}; choose from {list(ATTACKS)}")
         if not (self.attacks or self.depth or self.over_refusal):
             raise DataError("the deep evaluation has nothing to run: give an attack, depth or over_refusal")
+        if self.prefill_short not in ("cap", "error"):
+            raise DataError(f"prefill_short must be 'cap' or 'error', got {self.prefill_short!r}")
         for name in ("kl_tokens", "max_new_tokens", "refusal_max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,7 +106,7 @@ def deep_evaluate(model, tokenizer, data: dict, cfg: DeepConfig, base: dict | No
         if data.get("targets") is None:
             raise DataError("the prefill attack needs targets: load the data with load_deep_data(targets=True)")
         out["prefill"] = prefill_attack(model, tokenizer, data["harmful"], data["targets"], cfg.ks,
-                                        max_new_tokens=cfg.max_new_tokens, **gen)
+                                        max_new_tokens=cfg.max_new_tokens, short=cfg.prefill_short, **gen)
     if "framing" in cfg.attacks:
         framings = load_framings() if cfg.framings is None else cfg.framings
         out["framing"] = framing_attack(model, tokenizer, data["harmful"], framings,

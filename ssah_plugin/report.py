@@ -108,9 +108,12 @@ def deep_markdown(results: Sequence[dict]) -> str:
         ks = [str(k) for k in pre[0][1]["ks"]]
         rows = [[name, *(_ci(d["per_k"][k]["asr"], d["per_k"][k]["wilson95"]) if k in d["per_k"] else "n/a"
                          for k in ks), d["per_k"][ks[0]]["n"]] for name, d in pre]
+        capped = {k: pre[0][1]["per_k"][k].get("n_capped", 0) for k in ks if k in pre[0][1]["per_k"]}
+        note = ("" if not any(capped.values()) else " Targets shorter than K were pre-filled whole: "
+                + ", ".join(f"K={k}: {n} prompts" for k, n in capped.items() if n) + ".")
         parts.append("## Prefill attack: ASR vs K\n\nThe reply is pre-filled with the first K tokens of the "
                      "AdvBench target (\"full\": all of it); the greedy continuation is judged. 95% Wilson "
-                     "intervals.\n\n" + _table(["checkpoint", *(f"K={k}" for k in ks), "prompts"], rows))
+                     "intervals." + note + "\n\n" + _table(["checkpoint", *(f"K={k}" for k in ks), "prompts"], rows))
     fr = _deep_rows(results, "framing")
     if fr:
         ids = fr[0][1]["framings"]

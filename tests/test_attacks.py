@@ -87,6 +87,23 @@ def test_prefill_k_longer_than_target_names_the_prompt(model_tok):
         at.prefill_attack(model, tok, [], [], progress=False)
 
 
+def test_prefill_short_targets_capped_and_counted(model_tok):
+    """short='cap' (the CLI and deep-eval default): a target shorter than K is prefilled whole, and counted."""
+    model, tok = model_tok
+    lengths = [len(ids_of(tok, t)) for t in TARGETS]
+    k = max(lengths)  # longer than at least the shortest target
+    assert min(lengths) < k
+    capped = at.prefill_inputs(tok, PROMPTS, TARGETS, k, short="cap")
+    for p, t, ids in zip(PROMPTS, TARGETS, capped):
+        assert ids == ids_of(tok, chat_prompt(tok, p)) + ids_of(tok, t)[:k]
+    res = at.prefill_attack(model, tok, PROMPTS, TARGETS, ks=(1, k, "full"), max_new_tokens=3, progress=False,
+                            short="cap")
+    assert res["per_k"][str(k)]["n_capped"] == sum(n < k for n in lengths) >= 1
+    assert res["per_k"]["1"]["n_capped"] == 0 and res["per_k"]["full"]["n_capped"] == 0
+    with pytest.raises(ValueError, match="'error' or 'cap'"):
+        at.prefill_inputs(tok, PROMPTS, TARGETS, 1, short="skip")
+
+
 def test_load_targets_fields_and_errors(tmp_path):
     prompts, targets = at.load_targets(limit=3)
     assert len(prompts) == len(targets) == 3 and all(t.startswith("Sure") for t in targets)

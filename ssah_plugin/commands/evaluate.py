@@ -96,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     deep.add_argument("--deep", action="store_true", help="all of the above")
     deep.add_argument("--prefill-k", type=_ks, default=None, metavar="K,K,...",
                       help="prefill lengths in target tokens (default 0,5,10,20,full)")
+    deep.add_argument("--prefill-short", choices=["cap", "error"], default="cap",
+                      help="a target shorter than K: prefill it whole and count it (cap, default) or stop (error)")
     deep.add_argument("--framings", default=None, metavar="FILE",
                       help="JSON file of extra framings ([{id, template with {prompt}}]); added to the shipped ones")
     deep.add_argument("--framing-ids", default=None, metavar="ID,ID,...", help="use only these framings")
@@ -189,7 +191,8 @@ def _deep_setup(args: argparse.Namespace, judge):
         framings = load_framings(args.framings, ids=ids)
     from ..attacks import DEFAULT_KS
 
-    cfg = DeepConfig(attacks=attacks, ks=args.prefill_k or DEFAULT_KS, framings=framings, depth=depth,
+    cfg = DeepConfig(attacks=attacks, ks=args.prefill_k or DEFAULT_KS, prefill_short=args.prefill_short,
+                     framings=framings, depth=depth,
                      over_refusal=over, kl_tokens=args.kl_tokens, max_new_tokens=args.max_new_tokens,
                      refusal_max_new_tokens=args.refusal_max_new_tokens, batch_size=args.batch_size,
                      system=args.system, judge=judge, progress=not args.no_progress)
