@@ -135,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
     results, base = [], None
     for name, spec in zip(names, args.model):
         model, tok = load_model(spec, dtype=args.dtype, device=device)
+        if cfg is not None and "prefill" in cfg.attacks:  # K vs targets with this tokenizer, before any generation
+            from ..attacks import prefill_inputs
+
+            for k in cfg.ks:
+                prefill_inputs(tok, data["harmful"], data["targets"], k, cfg.system, cfg.prefill_short)
         results += compare([(name, model, tok)], harmful=args.harmful, benign=args.benign, limit=args.limit,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
                            system=args.system, judge=judge, progress=not args.no_progress,
