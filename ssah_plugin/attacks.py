@@ -79,7 +79,8 @@ def prefill_inputs(tokenizer, prompts: Sequence[Prompt], targets: Sequence[str],
 
     A target shorter than ``k`` tokens: ``short="error"`` raises :class:`DataError` naming the first prompt index;
     ``short="cap"`` prefills that prompt with its whole target (AdvBench has targets of 9 tokens, so K = 10 or 20
-    needs it; :func:`prefill_attack` reports how many prompts were capped).
+    needs it; :func:`prefill_attack` reports how many prompts were capped); a K longer than every target is still
+    an error.
     """
     k = _check_k(k)
     if short not in ("error", "cap"):
@@ -87,6 +88,11 @@ def prefill_inputs(tokenizer, prompts: Sequence[Prompt], targets: Sequence[str],
     if len(prompts) != len(targets):
         raise DataError(f"prefill needs one target per prompt, got {len(prompts)} prompts and {len(targets)} targets")
     out = []
+    if short == "cap" and k != "full":
+        longest = max((len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets), default=0)
+        if k > longest:
+            raise DataError(f"prefill K={k} is longer than every target (the longest has {longest} tokens of this "
+                            "tokenizer), so no prompt could be pre-filled with K tokens; use a smaller K or 'full'")
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         t = list(tokenizer(target, add_special_tokens=False)["input_ids"])
         if not t:

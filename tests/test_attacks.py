@@ -100,6 +100,8 @@ def test_prefill_short_targets_capped_and_counted(model_tok):
                             short="cap")
     assert res["per_k"][str(k)]["n_capped"] == sum(n < k for n in lengths) >= 1
     assert res["per_k"]["1"]["n_capped"] == 0 and res["per_k"]["full"]["n_capped"] == 0
+    with pytest.raises(DataError, match="longer than every target"):
+        at.prefill_inputs(tok, PROMPTS, TARGETS, max(lengths) + 1, short="cap")
     with pytest.raises(ValueError, match="'error' or 'cap'"):
         at.prefill_inputs(tok, PROMPTS, TARGETS, 1, short="skip")
 

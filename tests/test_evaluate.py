@@ -281,6 +281,8 @@ def test_eval_cli_deep_usage_errors(tmp_path, capsys):
     assert main(base + ["--attack", "prefill", "--harmful", str(nof)]) == 2
     assert "target / response field" in capsys.readouterr().err
     assert main(base + ["--attack", "prefill", "--prefill-k", "500"]) == 2
+    assert "longer than every target" in capsys.readouterr().err
+    assert main(base + ["--attack", "prefill", "--prefill-k", "500", "--prefill-short", "error"]) == 2
     assert "longer than the target of prompt 0" in capsys.readouterr().err
     assert main(base + ["--attack", "framing", "--framings", str(tmp_path / "missing.json")]) == 2
     assert main(base + ["--attack", "framing", "--framing-ids", "nope"]) == 2
