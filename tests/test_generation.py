@@ -1,10 +1,11 @@
 """Greedy batched generation equals a manual greedy loop token for token; padding side and mode restored."""
 import pytest
-import torch
 
 from ssah_plugin.errors import DataError
 from ssah_plugin.generation import chat_pair_ids, chat_prompt, eos_token_ids, generate, generate_ids
 from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+
+from oracles import greedy_from_ids
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem", "What is 2+2? Explain it in detail, please.", "Hi"]
 N_NEW = 12
@@ -17,15 +18,7 @@ def model_tok():
 
 def manual_greedy(model, tok, prompt, n_new, eos, system=None):
     ids = tok(chat_prompt(tok, prompt, system), add_special_tokens=False)["input_ids"]
-    out = []
-    with torch.no_grad():
-        for _ in range(n_new):
-            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
-            nxt = int(torch.argmax(logits))
-            if nxt in eos:
-                break
-            out.append(nxt)
-    return out
+    return greedy_from_ids(model, ids, n_new, eos)
 
 
 def test_matches_manual_greedy_loop_and_batched_equals_unbatched(model_tok):
