@@ -7,7 +7,7 @@ units of every group (random units: the cost depends on how many slices are froz
 
 One process, one model, one optimizer; the training step is the one ``transformers.Trainer`` runs (forward,
 backward, ``clip_grad_norm_``, ``optimizer.step()``, [restore], ``zero_grad``), and the enforcement is the
-:class:`~ssah_plugin.freeze.FreezeEngine` that ``SSAHCallback`` builds (``build_enforcer``), i.e. exactly the
+:class:`~ssah_plugin.core.engine.FreezeEngine` that ``SSAHCallback`` builds (``build_enforcer``), i.e. exactly the
 callback's per-step work: gradient hooks during backward plus ``after_step()`` in ``on_optimizer_step``. Variants
 alternate *step by step* (off, post_accumulate, tensor, rotated each round) because other jobs share the CPU:
 
@@ -75,7 +75,7 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ssah_plugin.enforce import build_enforcer
+    from ssah_plugin.hosts.enforce import build_enforcer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def run(args) -> dict:
         for _ in range(n):
             eng.after_step()
         restore = (time.perf_counter() - t0) / n * 1e3
-        from ssah_plugin.freeze import _small_op_threads
+        from ssah_plugin.core.engine import _small_op_threads
 
         t0 = time.perf_counter()
         for _ in range(n):

@@ -26,7 +26,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 mode = sys.argv[1]
 if mode == "verify":
-    from ssah_plugin.verify import verify_checkpoint
+    from ssah_plugin.evaluation.verify import verify_checkpoint
     r = verify_checkpoint(sys.argv[2], sys.argv[3], sys.argv[4], progress=False)
     extra = {"ok": r.ok, "frozen_units": r.total.frozen_units, "tensors_checked": r.tensors_checked}
 elif mode == "load":
@@ -35,7 +35,7 @@ elif mode == "load":
     total = sum(float(p.sum()) for p in m.parameters())  # touch every weight (a forward pass would)
     extra = {"params": sum(p.numel() for p in m.parameters())}
 else:
-    import torch, transformers, safetensors, ssah_plugin.verify  # imports only
+    import torch, transformers, safetensors, ssah_plugin.evaluation.verify  # imports only
     extra = {}
 hwm = anon = None
 for line in open("/proc/self/status"):
@@ -65,7 +65,7 @@ def main() -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ssah_plugin.mask import Mask
+        from ssah_plugin.core.mask import Mask
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **CONFIG))
@@ -104,7 +104,7 @@ def main() -> None:
              "| process | seconds (each run) | peak RSS MiB (each run) |", "|---|---|---|"]
     for k, v in summary.items():
         lines.append(f"| {k} | {v['seconds']} | {v['peak_rss_mib']} |")
-    lines += ["", "Times include the imports. `imports` = python + torch + transformers + ssah_plugin.verify "
+    lines += ["", "Times include the imports. `imports` = python + torch + transformers + ssah_plugin.evaluation.verify "
               "imported, nothing else. "
               "`verify` = verify_checkpoint(base, tuned, mask) on the "
               f"{rows['verify'][0]['tensors_checked']} unit-bearing tensors of each checkpoint (all read). `load` = "

@@ -53,7 +53,7 @@ def _bench_stage(stage: int, args, rank: int) -> dict:
     import deepspeed
     import torch
 
-    from ssah_plugin._deepspeed import build_deepspeed_enforcer
+    from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
 
     model = _model()
     mask = _mask(model)

@@ -6,12 +6,14 @@ Tiers of use:
 
 1. One line in a Trainer / TRL script: ``callbacks=[SSAHCallback("mask.safetensors")]``.
 2. Custom loops: ``SSAHOptimizer(optimizer, model, "mask.safetensors")``.
-3. Locate / verify / evaluate from Python: ``from ssah_plugin.locate import locate`` (the submodule shares the
+3. Locate / verify / evaluate from Python: ``from ssah_plugin.locate.runner import locate`` (the submodule shares the
    function's name, so the function is not re-exported here), :func:`verify_checkpoint`, :func:`evaluate_checkpoint`.
 4. Building blocks: :class:`Mask`, :func:`describe_units`, :class:`FreezeEngine`, :func:`plan_frozen_slices`.
 """
-from ._version import __version__
-from .errors import (
+from typing import TYPE_CHECKING
+
+from ssah_plugin._version import __version__
+from ssah_plugin.errors import (
     DataError,
     FrozenValuesError,
     MaskFormatError,
@@ -22,12 +24,12 @@ from .errors import (
     UnsupportedArchitectureError,
     UnsupportedSetupError,
 )
-from .freeze import FreezeEngine
-from .mask import Mask
-from .optim import SSAHOptimizer
-from .replay import with_refusal_replay
-from .resolve import FrozenSlice, plan_frozen_slices
-from .units import ArchSpec, describe_units, register_architecture
+from ssah_plugin.core.engine import FreezeEngine
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.hosts.optim import SSAHOptimizer
+from ssah_plugin.recipes.replay import with_refusal_replay
+from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
+from ssah_plugin.core.units import ArchSpec, describe_units, register_architecture
 
 __all__ = [
     "__version__",
@@ -63,21 +65,35 @@ __all__ = [
 
 # Names whose modules import transformers / generation code (seconds): loaded on first access.
 _LAZY = {
-    "SSAHCallback": "callback",
-    "TokenwiseConstraint": "constrained",  # Qi et al. 2024 Eq. 3 as compute_loss_func + callback
-    "deepspeed_enforce": "_deepspeed",  # raw deepspeed.initialize users; DeepSpeed itself is imported lazily
-    "LocateConfig": "locate",
-    "verify_checkpoint": "verify",
-    "RefusalJudge": "judge",
-    "evaluate_checkpoint": "evaluate",
-    "prefill_attack": "attacks",
-    "framing_attack": "attacks",
+    "SSAHCallback": "ssah_plugin.hosts.callback",
+    "TokenwiseConstraint": "ssah_plugin.recipes.constrained",  # Qi et al. 2024 Eq. 3 as compute_loss_func + callback
+    "deepspeed_enforce": "ssah_plugin.hosts.deepspeed",  # raw deepspeed.initialize users; DeepSpeed imported lazily
+    "LocateConfig": "ssah_plugin.locate",
+    "verify_checkpoint": "ssah_plugin.evaluation.verify",
+    "RefusalJudge": "ssah_plugin.evaluation.judge",
+    "evaluate_checkpoint": "ssah_plugin.evaluation.evaluate",
+    "prefill_attack": "ssah_plugin.evaluation.attacks",
+    "framing_attack": "ssah_plugin.evaluation.attacks",
 }
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first access
+    from ssah_plugin.evaluation.attacks import framing_attack, prefill_attack
+    from ssah_plugin.evaluation.evaluate import evaluate_checkpoint
+    from ssah_plugin.evaluation.judge import RefusalJudge
+    from ssah_plugin.evaluation.verify import verify_checkpoint
+    from ssah_plugin.hosts.callback import SSAHCallback
+    from ssah_plugin.hosts.deepspeed import deepspeed_enforce
+    from ssah_plugin.locate import LocateConfig
+    from ssah_plugin.recipes.constrained import TokenwiseConstraint
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ssah_plugin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -46,7 +46,7 @@ class ResumeMismatchError(SSAHError, ValueError):
 
 
 class UnsupportedArchitectureError(SSAHError, ValueError):
-    """The model's architecture is unknown; register an :class:`ssah_plugin.units.ArchSpec` for it."""
+    """The model's architecture is unknown; register an :class:`ssah_plugin.core.units.ArchSpec` for it."""
 
 
 class UnsupportedSetupError(SSAHError, RuntimeError):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from ssah_plugin.locate import LocateConfig, ablated_copy, build_mask, restore_units, zero_units
-from ssah_plugin.mask import CLASS_CODES
-from ssah_plugin.tiny import tiny_model
-from ssah_plugin.units import describe_units
+from ssah_plugin.locate.runner import LocateConfig, ablated_copy, build_mask, restore_units, zero_units
+from ssah_plugin.core.mask import CLASS_CODES
+from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.core.units import describe_units
 
 
 def _mask(model, granularity="channel"):

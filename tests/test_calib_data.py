@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from ssah_plugin.calib_data import encode_pairs, load_pairs, load_rows, pairs_from_rows, prompts_from_rows
+from ssah_plugin.data.rows import encode_pairs, load_pairs, load_rows, pairs_from_rows, prompts_from_rows
 from ssah_plugin.errors import DataError
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 
 def _jsonl(path, rows):
@@ -89,8 +89,8 @@ def test_too_long_sequence_is_a_data_error_unless_truncated():
 
 
 def test_own_refusals(monkeypatch):
-    import ssah_plugin.generation as gen
-    from ssah_plugin.locate import LocateConfig, locate
+    import ssah_plugin.evaluation.generation as gen
+    from ssah_plugin.locate.runner import LocateConfig, locate
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     replies = iter(["I'm sorry, but I cannot help with that.", "Sure, here is how to do it step by step.",
@@ -115,9 +115,9 @@ def test_own_refusals(monkeypatch):
 
 
 def test_sft_examples_mask_prompt_and_drop_rows_without_response_tokens():
-    from ssah_plugin.calib_data import sft_examples
-    from ssah_plugin.generation import chat_pair_ids
-    from ssah_plugin.tiny import tiny_tokenizer
+    from ssah_plugin.data.rows import sft_examples
+    from ssah_plugin.evaluation.generation import chat_pair_ids
+    from ssah_plugin.testing.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     pairs = [("Add 2 and 3.", "The sum is 5."), ("x " * 200, "cut away")]

@@ -14,10 +14,10 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ssah_plugin.callback import SSAHCallback
+from ssah_plugin.hosts.callback import SSAHCallback
 from ssah_plugin.errors import MaskMismatchError, SSAHError
-from ssah_plugin.mask import Mask
-from ssah_plugin.tiny import TINY_FAMILIES, tiny_model
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.testing.tiny import TINY_FAMILIES, tiny_model
 
 MAX_GRAD_NORM = 0.01
 
@@ -29,7 +29,7 @@ def _dataset(n: int = 24, seq: int = 16) -> Dataset:
 
 
 def _units(model) -> dict[str, list[int]]:
-    from ssah_plugin.units import describe_units
+    from ssah_plugin.core.units import describe_units
 
     out = {}
     for gi, g in enumerate(describe_units(model)):

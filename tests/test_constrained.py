@@ -17,13 +17,13 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from ssah_plugin.callback import SSAHCallback
-from ssah_plugin.constrained import (PAPER_BETA_REST, PAPER_BETAS, TokenwiseConstraint, beta_schedule,
+from ssah_plugin.hosts.callback import SSAHCallback
+from ssah_plugin.recipes.constrained import (PAPER_BETA_REST, PAPER_BETAS, TokenwiseConstraint, beta_schedule,
                                      response_positions)
 from ssah_plugin.errors import UnsupportedSetupError
-from ssah_plugin.mask import Mask
-from ssah_plugin.resolve import plan_frozen_slices
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.plan import plan_frozen_slices
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 LOG2 = math.log(2.0)
 UNITS = {"model.layers.0.mlp": [0, 9, 100], "model.layers.0.self_attn": [2, 40], "model.layers.1.mlp": [5],
@@ -118,7 +118,7 @@ def test_loss_matches_hand_computation_with_padding(family):
 
 def test_gradient_is_paper_weighting_of_cross_entropy():
     """d loss_t / d log pi_theta = -2 (1 - sigmoid(beta_t * Delta_t)): the paper's Appendix D gradient."""
-    from ssah_plugin.constrained import tokenwise_loss
+    from ssah_plugin.recipes.constrained import tokenwise_loss
 
     lp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
     lr = torch.tensor([-1.5, -1.0, -4.0], dtype=torch.float64)

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-import ssah_plugin.evaluate as ev
+import ssah_plugin.evaluation.evaluate as ev
 from ssah_plugin.errors import DataError
-from ssah_plugin.generation import chat_prompt
-from ssah_plugin.judge import RefusalJudge
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.evaluation.generation import chat_prompt
+from ssah_plugin.evaluation.judge import RefusalJudge
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 PAIRS = [("What is 2+2?", "It is 4."),
          ("Write a short greeting for a letter to a friend.", "Dear friend, I hope this letter finds you well."),
@@ -139,7 +139,7 @@ def test_loaders_read_files_and_reject_bad_rows(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- report + CLI
 from ssah_plugin.cli import main  # noqa: E402
-from ssah_plugin.report import markdown_table, plot_results, results_json, save_responses  # noqa: E402
+from ssah_plugin.evaluation.report import markdown_table, plot_results, results_json, save_responses  # noqa: E402
 
 FAKE = [
     {"name": "base", "asr": 0.02, "refusal_rate": 0.98, "n_harmful": 100, "benign_loss": 1.2345, "perplexity": 3.44,
@@ -204,7 +204,7 @@ def test_load_model_merges_a_peft_adapter_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- over-refusal + stats
-from ssah_plugin.stats import mcnemar_exact, rate_summary, wilson_interval  # noqa: E402
+from ssah_plugin.evaluation.stats import mcnemar_exact, rate_summary, wilson_interval  # noqa: E402
 
 
 def test_false_refusal_rate_phrase_only_judge(model_tok, monkeypatch):
@@ -291,8 +291,8 @@ def test_eval_cli_deep_usage_errors(tmp_path, capsys):
 
 
 def test_deep_compare_api_and_markdown(tiny_llama, tmp_path):
-    from ssah_plugin.deep_eval import DeepConfig, deep_compare
-    from ssah_plugin.report import deep_markdown, write_report
+    from ssah_plugin.evaluation.deep_eval import DeepConfig, deep_compare
+    from ssah_plugin.evaluation.report import deep_markdown, write_report
 
     model, tok = tiny_llama
     cfg = DeepConfig(attacks=("prefill",), ks=(0, 1), depth=False, over_refusal=False, max_new_tokens=2,
@@ -312,7 +312,7 @@ def test_deep_compare_api_and_markdown(tiny_llama, tmp_path):
 
 
 def test_saved_responses_hold_the_deep_texts_only_on_request(tmp_path):
-    from ssah_plugin.report import deep_json
+    from ssah_plugin.evaluation.report import deep_json
 
     deep = {"prompts": ["HARMFULPROMPT"],
             "prefill": {"ks": [5], "per_k": {"5": {"n": 1, "asr": 1.0, "wilson95": [0.2, 1.0], "attack_success": [1],

@@ -2,8 +2,8 @@
 import pytest
 
 from ssah_plugin.errors import DataError
-from ssah_plugin.generation import chat_pair_ids, chat_prompt, eos_token_ids, generate, generate_ids
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.evaluation.generation import chat_pair_ids, chat_prompt, eos_token_ids, generate, generate_ids
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 from oracles import greedy_from_ids
 

@@ -17,8 +17,8 @@ from transformers import Trainer, TrainingArguments
 
 from ssah_plugin import Mask, SSAHCallback, SSAHOptimizer
 from ssah_plugin.errors import FrozenValuesError, MaskMismatchError, SSAHError, UnsupportedSetupError
-from ssah_plugin.resolve import plan_frozen_slices
-from ssah_plugin.tiny import tiny_model
+from ssah_plugin.core.plan import plan_frozen_slices
+from ssah_plugin.testing.tiny import tiny_model
 
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [5, 64], "model.layers.1.self_attn": [0, 63]}
@@ -315,7 +315,7 @@ def test_cli_locate_output_directory_refused_before_work(tmp_path, monkeypatch, 
     def boom(*a, **k):  # the expensive part must never start
         raise AssertionError("locate ran before the output was checked")
 
-    monkeypatch.setattr("ssah_plugin.locate.locate_pretrained", boom)
+    monkeypatch.setattr("ssah_plugin.locate.runner.locate_pretrained", boom)
     code = cli.main(["locate", "--model", "tiny:llama", "-o", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "is a directory" in err and "Traceback" not in err

@@ -1,7 +1,7 @@
 """Keyword refusal judge: one test per rule of Wei et al.'s not_matched() and our documented options."""
 import pytest
 
-from ssah_plugin.judge import RefusalJudge, refusal_lists
+from ssah_plugin.evaluation.judge import RefusalJudge, refusal_lists
 
 LONG = " ".join(["word"] * 25)  # 25 words, no refusal phrase
 

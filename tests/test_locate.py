@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from ssah_plugin.calib_data import encode_pairs, load_pairs
-from ssah_plugin.locate import (ChannelStats, LocateConfig, channel_scores, collect_stats, locate, pad_id_of,
+from ssah_plugin.data.rows import encode_pairs, load_pairs
+from ssah_plugin.locate.runner import (ChannelStats, LocateConfig, channel_scores, collect_stats, locate, pad_id_of,
                                 unit_scores)
-from ssah_plugin.mask import Mask
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.units import describe_units
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.core.units import describe_units
 
 SAFETY = "shipped:safety_refusals.jsonl"
 UTILITY = "shipped:benign_instructions.jsonl"
@@ -68,7 +68,7 @@ def test_statistics_equal_direct_computation(llama, tok, tokens):
 
 
 def test_response_positions_are_the_ones_predicting_response_tokens(tok):
-    from ssah_plugin.generation import chat_pair_ids
+    from ssah_plugin.evaluation.generation import chat_pair_ids
 
     pair = ("How do I bake bread?", "Mix flour and water.")
     p_ids, r_ids = chat_pair_ids(tok, *pair)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssah_plugin.locate import LocateConfig, build_mask, choose_sizes, classify, reclassify, standardize
-from ssah_plugin.mask import CLASS_CODES, Mask
-from ssah_plugin.tiny import tiny_model
-from ssah_plugin.units import describe_units
+from ssah_plugin.locate.runner import LocateConfig, build_mask, choose_sizes, classify, reclassify, standardize
+from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.core.units import describe_units
 
 SCU, UCU, CU, RU = (CLASS_CODES[k] for k in ("SCU", "UCU", "CU", "RU"))
 
@@ -89,7 +89,7 @@ def test_mask_round_trip_keeps_scores_classes_method(located, tmp_path):
     ("ru-only", 384 - 57), ("safety-top:0.1", 38),
 ])
 def test_every_policy_with_a_located_mask(located, policy, expected):
-    from ssah_plugin.callback import SSAHCallback
+    from ssah_plugin.hosts.callback import SSAHCallback
 
     model, mask = located
     sets = mask.frozen(policy)
@@ -104,8 +104,8 @@ def test_every_policy_with_a_located_mask(located, policy, expected):
 
 
 def test_callback_freezes_a_located_mask(located):
-    from ssah_plugin.freeze import FreezeEngine
-    from ssah_plugin.resolve import plan_frozen_slices
+    from ssah_plugin.core.engine import FreezeEngine
+    from ssah_plugin.core.plan import plan_frozen_slices
 
     model, mask = located
     slices = plan_frozen_slices(mask, model, "scu+cu6")

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssah_plugin.calib_data import load_pairs
+from ssah_plugin.data.rows import load_pairs
 from ssah_plugin.errors import DataError, UnsupportedSetupError
-from ssah_plugin.generation import chat_pair_ids, chat_prompt
-from ssah_plugin.locate import LocateConfig, locate, standardize
-from ssah_plugin.mask import CLASS_CODES, Mask
-from ssah_plugin.policies import PolicyError, resolve_policy
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.units import describe_units
+from ssah_plugin.evaluation.generation import chat_pair_ids, chat_prompt
+from ssah_plugin.locate.runner import LocateConfig, locate, standardize
+from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.core.policies import PolicyError, resolve_policy
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.core.units import describe_units
 
 SAFETY = load_pairs("shipped:safety_refusals.jsonl", max_samples=40, seed=3)
 UTILITY = load_pairs("shipped:benign_instructions.jsonl", max_samples=12, seed=3)
@@ -262,7 +262,7 @@ def test_callback_keeps_selected_units_bit_exact(llama_located, tmp_path, policy
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from ssah_plugin.callback import SSAHCallback
+    from ssah_plugin.hosts.callback import SSAHCallback
 
     base_model, mask = llama_located
     model = tiny_model("llama")  # same seed: the weights the mask was located on
@@ -291,8 +291,8 @@ def test_callback_keeps_selected_units_bit_exact(llama_located, tmp_path, policy
 
 
 def test_optimizer_wrapper_keeps_selected_units_bit_exact(llama_located):
-    from ssah_plugin.optim import SSAHOptimizer
-    from ssah_plugin.resolve import plan_frozen_slices
+    from ssah_plugin.hosts.optim import SSAHOptimizer
+    from ssah_plugin.core.plan import plan_frozen_slices
 
     _, mask = llama_located
     model = tiny_model("llama")
@@ -389,7 +389,7 @@ def test_policy_errors(llama_located):
 
 
 def test_selection_not_in_mask(tok):
-    from ssah_plugin.callback import SSAHCallback
+    from ssah_plugin.hosts.callback import SSAHCallback
 
     model = tiny_model("llama")
     plain = locate(model, tok, safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS, config=_cfg())
@@ -417,7 +417,7 @@ def test_golden_mask_unchanged_by_selection_policies():
 
 
 def test_layerwise_mode_refuses_selections(tok, tmp_path):
-    from ssah_plugin.locate import locate_pretrained
+    from ssah_plugin.locate.runner import locate_pretrained
 
     with pytest.raises(UnsupportedSetupError, match="whole model in memory.*--layerwise off"):
         locate_pretrained("tiny:llama", safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS,
@@ -425,7 +425,7 @@ def test_layerwise_mode_refuses_selections(tok, tmp_path):
     with pytest.raises(UnsupportedSetupError, match="whole model in memory"):
         locate_pretrained(str(tmp_path), safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS, task=TASK_PAIRS,
                           config=_cfg(layerwise="on"))
-    from ssah_plugin.layerwise import locate_layerwise
+    from ssah_plugin.locate.layerwise import locate_layerwise
 
     with pytest.raises(UnsupportedSetupError, match="decision units need the whole model"):
         locate_layerwise(str(tmp_path), safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS, config=_cfg(decision_units=True))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ssah_plugin.errors import MaskFormatError
-from ssah_plugin.mask import Mask
+from ssah_plugin.core.mask import Mask
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN_DIR))

@@ -15,11 +15,11 @@ pytest.importorskip("trl")
 from peft import LoraConfig  # noqa: E402
 
 from ssah_plugin import SSAHCallback  # noqa: E402
-from ssah_plugin._peft import compare_frozen_units  # noqa: E402
+from ssah_plugin.hosts.peft import compare_frozen_units  # noqa: E402
 from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
-from ssah_plugin.mask import Mask  # noqa: E402
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from ssah_plugin.units import describe_units  # noqa: E402
+from ssah_plugin.core.mask import Mask  # noqa: E402
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from ssah_plugin.core.units import describe_units  # noqa: E402
 
 FROZEN = [0, 3, 7]
 TARGETS = {
@@ -110,7 +110,7 @@ def test_sft_refuses_dora_before_any_step(tmp_path):
 
 def test_verify_accepts_adapter_dir_plus_base(tmp_path):
     """``ssah-plugin verify --base BASE --tuned ADAPTER_DIR``: exit 0 for a masked run, 1 for an unmasked one."""
-    verify = pytest.importorskip("ssah_plugin.verify")
+    verify = pytest.importorskip("ssah_plugin.evaluation.verify")
     from ssah_plugin.cli import main
 
     model, base, mask = _setup("llama")

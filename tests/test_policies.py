@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssah_plugin.mask import CLASS_CODES, Mask
-from ssah_plugin.policies import PolicyError, resolve_policy
-from ssah_plugin.units import SliceMap, UnitGroup
+from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.core.policies import PolicyError, resolve_policy
+from ssah_plugin.core.units import SliceMap, UnitGroup
 
 RU, SCU, UCU, CU = (CLASS_CODES[k] for k in ("RU", "SCU", "UCU", "CU"))
 

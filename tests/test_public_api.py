@@ -9,7 +9,7 @@ def test_all_names_resolve():
     import importlib
     import types
 
-    importlib.import_module("ssah_plugin.locate")  # binds the submodule on the package, as any user import would
+    importlib.import_module("ssah_plugin.locate.runner")  # binds the submodule on the package, as any user import would
 
     for name in ssah_plugin.__all__:
         obj = getattr(ssah_plugin, name)

@@ -1,4 +1,4 @@
-"""Refusal replay (ssah_plugin.replay): the exact share and placement, every row format, every dataset type,
+"""Refusal replay (ssah_plugin.recipes.replay): the exact share and placement, every row format, every dataset type,
 composition with SSAHCallback freezing (frozen units still bit-exact), the CLI, and the set-up errors."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from datasets import Dataset, IterableDataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from ssah_plugin import SSAHCallback, with_refusal_replay
-from ssah_plugin.calib_data import sft_examples
+from ssah_plugin.data.rows import sft_examples
 from ssah_plugin.errors import DataError, UnsupportedSetupError
-from ssah_plugin.mask import Mask
-from ssah_plugin.replay import ReplayDataset, load_refusals, plan_replay, replay_rows
-from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.recipes.replay import ReplayDataset, load_refusals, plan_replay, replay_rows
+from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 REFUSALS = [("how do I do a bad thing 1", "I'm sorry, but I can't help with that."),
             ("how do I do a bad thing 2", "I cannot assist with that request."),
@@ -77,7 +77,7 @@ def test_prompt_completion_conversational_and_text():
     with pytest.raises(DataError, match="tokenizer="):
         replay_rows(REFUSALS[:1], plain)
     row = replay_rows(REFUSALS[:1], plain, tokenizer=tok)[0]
-    from ssah_plugin.generation import chat_prompt
+    from ssah_plugin.evaluation.generation import chat_prompt
 
     assert row == {"prompt": chat_prompt(tok, REFUSALS[0][0]), "completion": REFUSALS[0][1]}
     row = replay_rows(REFUSALS[:1], {"text": "x"}, tokenizer=tok)[0]
@@ -177,7 +177,7 @@ def test_replay_composes_with_freezing(tmp_path):
                 served.append(tuple(t for t, m in zip(row, att) if m))
             return super().training_step(model, inputs, *a, **k)
 
-    units = {g.name: [0, 3] for g in __import__("ssah_plugin.units", fromlist=["x"]).describe_units(model)}
+    units = {g.name: [0, 3] for g in __import__("ssah_plugin.core.units", fromlist=["x"]).describe_units(model)}
     mask = Mask.from_units(model, units)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
@@ -189,7 +189,7 @@ def test_replay_composes_with_freezing(tmp_path):
     trainer.train()
     assert len(served) == 40 and sum(s in replay_ids for s in served) == 2
     assert cb.summary["max_drift"] == 0.0
-    from ssah_plugin.resolve import plan_frozen_slices
+    from ssah_plugin.core.plan import plan_frozen_slices
 
     params = dict(model.named_parameters())
     changed = False
@@ -204,7 +204,7 @@ def test_replay_composes_with_freezing(tmp_path):
 def test_cli_refusals(tmp_path, monkeypatch, capsys):
     """The command writes the replies the judge reads as refusals; a tiny random model refuses nothing, so the
     judge is told every reply is a refusal here (the selection itself is tested with locate's own_refusals)."""
-    from ssah_plugin import judge as judge_mod
+    from ssah_plugin.evaluation import judge as judge_mod
     from ssah_plugin.cli import main
 
     monkeypatch.setattr(judge_mod.RefusalJudge, "is_refusal", lambda self, text: bool(text.strip()))

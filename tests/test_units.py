@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ssah_plugin.errors import UnsupportedArchitectureError
-from ssah_plugin.tiny import TINY_FAMILIES, tiny_model
-from ssah_plugin.units import ARCHITECTURES, ArchSpec, describe_units, register_architecture
+from ssah_plugin.testing.tiny import TINY_FAMILIES, tiny_model
+from ssah_plugin.core.units import ARCHITECTURES, ArchSpec, describe_units, register_architecture
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 128, 77]])
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import ssah_plugin.verify as verify_mod
-from ssah_plugin.checkpoint import SafetensorsCheckpoint
+import ssah_plugin.evaluation.verify as verify_mod
+from ssah_plugin.io.checkpoint import SafetensorsCheckpoint
 from ssah_plugin.cli import main
 from ssah_plugin.errors import DataError, MaskFormatError, MaskMismatchError
-from ssah_plugin.mask import Mask
-from ssah_plugin.resolve import plan_frozen_slices
-from ssah_plugin.tiny import tiny_model
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.plan import plan_frozen_slices
+from ssah_plugin.testing.tiny import tiny_model
 
 SHARD = "40KB"  # the tiny llama (~0.5 MB) is written as ~13 shards + index
 
@@ -253,7 +253,7 @@ def test_peft_adapter_folder_is_merged_then_verified(ckpts, tmp_path):
     bad = verify_mod.verify_checkpoint(root / "base", tmp_path / "bad", mask, policy=policy, progress=False)
     assert bad.per_group["model.layers.0.mlp"].changed_units == len(frozen_cols)
     with pytest.raises(DataError, match="adapter"):
-        from ssah_plugin.checkpoint import open_checkpoint
+        from ssah_plugin.io.checkpoint import open_checkpoint
         open_checkpoint(tmp_path / "good")
 
 

@@ -153,13 +153,13 @@ def sha(text: str) -> str:
 
 
 def advbench(split: str) -> list[dict]:
-    from ssah_plugin.calib_data import load_rows
+    from ssah_plugin.data.rows import load_rows
 
     return [r for r in load_rows("shipped:advbench.jsonl") if r["split"] == split]
 
 
 def eval_rows(args) -> list[dict]:
-    from ssah_plugin.calib_data import load_rows
+    from ssah_plugin.data.rows import load_rows
     from ssah_plugin.errors import DataError
 
     rows = load_rows(args.eval_file)
@@ -174,8 +174,8 @@ def benign_splits(seed: int = 0) -> dict[str, list[dict]]:
     """Disjoint benign subsets: held-out eval = ``benign:heldout`` (index 9 mod 10); of the other rows, one fixed
     permutation (seed 0, independent of the run's seed) gives the locate calibration set (first 256) and the pool
     that fine-tuning rows are drawn from."""
-    from ssah_plugin.calib_data import load_rows
-    from ssah_plugin.evaluate import benign_split
+    from ssah_plugin.data.rows import load_rows
+    from ssah_plugin.evaluation.evaluate import benign_split
 
     rows = load_rows("shipped:benign_instructions.jsonl")
     train = benign_split(rows, "train")
@@ -191,7 +191,7 @@ def benign_prompt(r: dict) -> str:
 
 def training_pairs(args, setting: str, seed: int) -> list[tuple[Any, str]]:
     """The setting's pool of (prompt, reply) pairs in the run's seeded order (``user_rows`` takes the first ones)."""
-    from ssah_plugin.calib_data import load_rows
+    from ssah_plugin.data.rows import load_rows
 
     if setting == "harmful":
         if not args.harmful_train:
@@ -210,7 +210,7 @@ def training_pairs(args, setting: str, seed: int) -> list[tuple[Any, str]]:
 def user_rows(args, tok, setting: str, seed: int) -> list[dict]:
     """The first ``--train-rows`` pairs of the seeded pool that keep at least one reply token within ``--max-len``
     (rows whose prompt alone fills the length carry no loss and are skipped, so every run has the same count)."""
-    from ssah_plugin.calib_data import sft_examples
+    from ssah_plugin.data.rows import sft_examples
 
     rows: list[dict] = []
     for pair in training_pairs(args, setting, seed):
@@ -244,9 +244,9 @@ def cached(out: Path, name: str, fn: Callable[[], Any]) -> Any:
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_model(args, model, tok, out: Path) -> dict:
     """Plain and prefilled refusal on the harmful eval prompts, benign held-out loss, false refusals."""
-    from ssah_plugin.attacks import prefill_attack
-    from ssah_plugin.evaluate import attack_success_rate, benign_loss, false_refusal_rate
-    from ssah_plugin.judge import RefusalJudge
+    from ssah_plugin.evaluation.attacks import prefill_attack
+    from ssah_plugin.evaluation.evaluate import attack_success_rate, benign_loss, false_refusal_rate
+    from ssah_plugin.evaluation.judge import RefusalJudge
 
     rows = eval_rows(args)
     prompts = [r["prompt"] for r in rows]
@@ -293,7 +293,7 @@ def st_fetch(args) -> dict:
 
 def st_refusals(args) -> dict:
     def fn(out: Path) -> dict:
-        from ssah_plugin.replay import collect_refusals, save_refusals
+        from ssah_plugin.recipes.replay import collect_refusals, save_refusals
 
         model, tok = load(args.model)
         rows = advbench("calib")[: args.refusal_prompts]
@@ -308,7 +308,7 @@ def st_refusals(args) -> dict:
 
 def st_locate(args) -> dict:
     def fn(out: Path) -> dict:
-        from ssah_plugin.locate import LocateConfig, locate
+        from ssah_plugin.locate.runner import LocateConfig, locate
 
         ref = need(args, "refusals")
         safety = [json.loads(x) for x in (args.root / ref["path"]).read_text().splitlines()][: args.safety_samples]
@@ -364,7 +364,7 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         if spec.get("policy"):
             callbacks.append(SSAHCallback(str(args.root / need(args, "locate")["mask"]), policy=spec["policy"]))
         if spec.get("constrained"):
-            from ssah_plugin.constrained import TokenwiseConstraint
+            from ssah_plugin.recipes.constrained import TokenwiseConstraint
 
             constraint = TokenwiseConstraint(model)  # frozen copy of the aligned model, Qi et al.'s betas
             extra["compute_loss_func"] = constraint
@@ -394,7 +394,7 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
             "checkpoint": str(ckpt.relative_to(args.root)), "threads": torch.get_num_threads()}
         plugin = next((c for c in callbacks if isinstance(c, SSAHCallback)), None)
         if plugin is not None:
-            from ssah_plugin.verify import verify_checkpoint
+            from ssah_plugin.evaluation.verify import verify_checkpoint
 
             res["plugin"] = {k: v for k, v in plugin.summary.items() if isinstance(v, (int, float, str, bool))}
             del trainer, model

@@ -37,7 +37,7 @@ def _stats():
     import sys
 
     sys.path.insert(0, str(REPO))
-    from ssah_plugin.stats import mcnemar_exact, wilson_interval
+    from ssah_plugin.evaluation.stats import mcnemar_exact, wilson_interval
 
     return mcnemar_exact, wilson_interval
 

@@ -44,7 +44,7 @@ def rank() -> int:
 
 
 def init_loss(n_reply: int) -> float:
-    from ssah_plugin.constrained import PAPER_BETA_REST, PAPER_BETAS
+    from ssah_plugin.recipes.constrained import PAPER_BETA_REST, PAPER_BETAS
 
     betas = [PAPER_BETAS[k] if k < len(PAPER_BETAS) else PAPER_BETA_REST for k in range(n_reply)]
     return math.log(2.0) * sum(2 / b for b in betas) / n_reply
@@ -115,7 +115,7 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import Mask, SSAHCallback, TokenwiseConstraint, plan_frozen_slices
-    from ssah_plugin.tiny import tiny_model, tiny_tokenizer
+    from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", seed=0)  # fp32; under DeepSpeed bf16 the engine casts it
     mask = Mask.from_units(model, FROZEN)

@@ -1,1 +1,0 @@
-"""One module per ``ssah-plugin`` subcommand (see :mod:`ssah_plugin.cli`)."""

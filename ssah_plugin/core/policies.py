@@ -1,0 +1,121 @@
+"""Policies: which units to freeze, chosen at train time from one mask file.
+
+=================  ================================================================================================
+policy             frozen units
+=================  ================================================================================================
+``<stored name>``  a frozen set stored in the file (``explicit`` for masks built from unit lists)
+``none``           nothing (useful as a baseline that still runs the same code path)
+``scu``            the safety-critical units
+``scu+cu``         SCU and every complex unit (paper setting ii, ~72% of units on Llama-2-7B-Chat)
+``scu+cuN``        SCU plus the top N% *of all units* taken from CU, ranked by standardised safety importance
+                   ``I_S`` (``scu+cu6`` is the paper's setting i: ~1.3% + 6%)
+``scu+cu:F``       the same with a fraction F in [0, 1] (``scu+cu:0.06`` == ``scu+cu6``)
+``ru-only``        everything except the redundant units (train only RU: the alignment-budget use)
+``safety-top:F``   the top fraction F of all units by ``I_S - I_U`` (standardised), ignoring classes
+``decision:F``,    decision units / task-conflict units and unions with them (``scu+decision:0.05``), for masks
+``conflict:F``     located with ``--decision-units`` / ``--task-data``: see :mod:`ssah_plugin.core.selections`
+=================  ================================================================================================
+
+Ranking CU by ``I_S`` (rather than ``I_S - I_U``) is our reading of "the most important CU for safety": CU are by
+construction not the most safety-*specific* units, so their difference score is small, and the units that matter
+to safety among them are those with the largest safety importance.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ssah_plugin.errors import SSAHError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ssah_plugin.core.mask import Mask
+
+__all__ = ["resolve_policy", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z"]
+
+SAFETY_Z = "safety_z"
+UTILITY_Z = "utility_z"
+POLICY_HELP = ("a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F', "
+               "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F'")
+
+
+class PolicyError(SSAHError, ValueError):
+    """A policy name that this mask cannot serve."""
+
+
+def _need_classes(mask: "Mask", policy: str) -> list[torch.Tensor]:
+    if mask.classes is None:
+        raise PolicyError(
+            f"policy {policy!r} needs unit classes, but this mask has none (it stores: {mask.policies}). "
+            "Create the mask with `ssah-plugin locate` or choose a stored policy"
+        )
+    return [c.to(torch.int64) for c in mask.classes]
+
+
+def _need_score(mask: "Mask", kind: str, policy: str) -> list[torch.Tensor]:
+    if kind not in mask.scores:
+        raise PolicyError(f"policy {policy!r} needs the {kind!r} scores, which this mask does not store "
+                          f"(it has {list(mask.scores)}); re-create it with `ssah-plugin locate`")
+    return mask.scores[kind]
+
+
+def _fraction(text: str, policy: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        raise PolicyError(f"policy {policy!r}: {text!r} is not a number") from None
+    if not 0.0 <= f <= 1.0:
+        raise PolicyError(f"policy {policy!r}: fraction {f} is outside [0, 1]")
+    return f
+
+
+def _top_k_global(values: list[torch.Tensor], eligible: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Mark the k highest ``values`` among ``eligible`` units across all groups (ties broken by position)."""
+    flat_v = torch.cat([v.double() for v in values])
+    flat_e = torch.cat(eligible)
+    out = torch.zeros_like(flat_e)
+    k = min(k, int(flat_e.sum()))
+    if k > 0:
+        cand = torch.nonzero(flat_e).squeeze(1)
+        order = torch.argsort(flat_v[cand], descending=True, stable=True)
+        out[cand[order[:k]]] = True
+    return list(torch.split(out, [v.numel() for v in values]))
+
+
+def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
+    """Per-group boolean tensors (True = frozen) for ``policy``; raises :class:`PolicyError` if it cannot."""
+    from ssah_plugin.core.mask import CLASS_CODES
+
+    if not isinstance(policy, str) or not policy:
+        raise PolicyError(f"policy must be a non-empty string ({POLICY_HELP})")
+    if policy in mask.stored:
+        return [s.clone() for s in mask.stored[policy]]
+    if policy == "none":
+        return [torch.zeros(g.n_units, dtype=torch.bool) for g in mask.groups]
+    from ssah_plugin.core.selections import resolve_selection  # decision / conflict units and unions with them
+
+    selected = resolve_selection(mask, policy, resolve_policy)
+    if selected is not None:
+        return selected
+    scu, cu, ru = CLASS_CODES["SCU"], CLASS_CODES["CU"], CLASS_CODES["RU"]
+    if policy == "scu":
+        return [c == scu for c in _need_classes(mask, policy)]
+    if policy == "scu+cu":
+        return [(c == scu) | (c == cu) for c in _need_classes(mask, policy)]
+    if policy == "ru-only":
+        return [c != ru for c in _need_classes(mask, policy)]
+    m = re.fullmatch(r"scu\+cu(?::(.+)|(\d+(?:\.\d+)?))", policy)
+    if m:
+        frac = _fraction(m.group(1), policy) if m.group(1) is not None else _fraction(str(float(m.group(2)) / 100), policy)
+        classes = _need_classes(mask, policy)
+        extra = _top_k_global(_need_score(mask, SAFETY_Z, policy), [c == cu for c in classes],
+                              int(round(frac * mask.n_units)))
+        return [(c == scu) | e for c, e in zip(classes, extra)]
+    m = re.fullmatch(r"safety-top:(.+)", policy)
+    if m:
+        frac = _fraction(m.group(1), policy)
+        s, u = _need_score(mask, SAFETY_Z, policy), _need_score(mask, UTILITY_Z, policy)
+        diff = [a - b for a, b in zip(s, u)]
+        return _top_k_global(diff, [torch.ones_like(d, dtype=torch.bool) for d in diff], int(round(frac * mask.n_units)))
+    raise PolicyError(f"unknown policy {policy!r}; this mask stores {mask.policies}; computed policies: {POLICY_HELP}")

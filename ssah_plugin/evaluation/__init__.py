@@ -1,0 +1,1 @@
+"""Evaluation: generation, the refusal judge, metrics, attacks, depth signals, verify, reports."""

@@ -1,0 +1,1 @@
+"""Hosts that enforce a mask during training: transformers Trainer, torch optimizers, DeepSpeed, PEFT."""

@@ -1,0 +1,300 @@
+"""``SSAHCallback``: the one added line for transformers ``Trainer`` and every TRL trainer.
+
+    trainer = SFTTrainer(..., callbacks=[SSAHCallback("mask.safetensors")])
+
+When each hook runs (transformers' training loop, without DeepSpeed):
+
+* ``__init__``: reads and checks the mask file (format, version, corruption); nothing model-specific yet.
+* ``on_init_end`` (end of ``Trainer.__init__``, callbacks passed to the constructor only): validates the mask against
+  the model, so a wrong mask fails before any data loading.
+* ``on_train_begin`` (after ``accelerator.prepare``, PEFT wrapping and checkpoint loading; before the first
+  forward; at every ``train()`` call, also after ``add_callback`` and on resume): validates again against the final
+  parameters, checks that the values about to be frozen are exactly the mask's base values (digests, mask format
+  v2), compares a resumed checkpoint's saved plugin state (frozen set, policy) with this run's, snapshots the frozen
+  slices, registers gradient hooks. Under DeepSpeed it also wraps the ZeRO optimizer's ``step`` (which runs inside
+  ``backward`` there). With TRL's ``BEMACallback`` in the same trainer, its EMA copy is kept exact too.
+* checkpoint saves: :meth:`SSAHCallback.state` (transformers' ``ExportableState``) writes the plugin's state into
+  ``trainer_state.json`` (``stateful_callbacks.SSAHCallback``): policy, frozen-set digest, digest of the frozen
+  values, mask checksum. A resume reads it back from the checkpoint's ``TrainerState``.
+* during ``backward()``: gradient hooks zero the frozen slices, so grad-norm clipping (which runs next) ignores them.
+* ``on_optimizer_step`` (right after ``optimizer.step()``, before the scheduler and ``zero_grad()``): writes the
+  snapshot back into the frozen slices, bitwise.
+* ``on_log``: adds ``ssah/frozen_fraction`` and ``ssah/frozen_units`` to the first log record, so they reach
+  TensorBoard / W&B / MLflow.
+* ``on_train_end``: checks that every frozen value equals its snapshot, logs a summary, removes the hooks.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ssah_plugin.hosts.enforce import MaskLike, build_enforcer, load_mask
+from ssah_plugin.errors import ResumeMismatchError
+from ssah_plugin.core.mask import Mask
+
+__all__ = ["SSAHCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class SSAHCallback(TrainerCallback, ExportableState):
+    """Keep the mask's frozen units bit-exact during ``Trainer.train()``.
+
+    Args:
+        mask: path to a mask file (``ssah-plugin locate``) or a :class:`~ssah_plugin.Mask`.
+        policy: which units to freeze (see :mod:`ssah_plugin.core.policies`); default: the mask's default policy.
+        check_fingerprint: refuse a model whose weights are not those the mask was made from.
+        grad_mode: gradient masking mode (:class:`~ssah_plugin.core.engine.FreezeEngine`); ``"auto"`` picks per host.
+
+    Example:
+        >>> from ssah_plugin import SSAHCallback
+        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds,          # doctest: +SKIP
+        ...                      callbacks=[SSAHCallback("mask.safetensors", policy="scu+cu6")])
+    """
+
+    def __init__(self, mask: MaskLike | None = None, policy: str | None = None, *, check_fingerprint: bool = True,
+                 grad_mode: str = "auto"):
+        if mask is None:
+            raise TypeError(
+                "SSAHCallback needs a mask (path or ssah_plugin.Mask). If this comes from "
+                "restore_callback_states_from_checkpoint=True: the callback was given a Mask object, which a "
+                "checkpoint cannot store; pass the mask as a file path, or leave that option off (the plugin reads "
+                "its saved state from the checkpoint either way)")
+        self._mask_source = str(mask) if not isinstance(mask, Mask) else None
+        self.mask: Mask = load_mask(mask)
+        self.policy = policy or self.mask.default_policy
+        self.mask.frozen(self.policy)  # unknown policy -> error now, not at train time
+        self.check_fingerprint = check_fingerprint
+        self.grad_mode = grad_mode
+        self.enforcer = None
+        self._logged = False
+        self._steps = 0
+        self.summary: dict = {}
+        self.record: dict = self._record()
+        self._bema: list = []
+
+    # ------------------------------------------------------------------ saved with checkpoints
+    def _record(self, values_digest: str | None = None) -> dict:
+        return {"policy": self.policy, "frozen_set": self.mask.frozen_set_digest(self.policy),
+                "frozen_units": int(sum(int(s.sum()) for s in self.mask.frozen(self.policy))),
+                "mask_checksum": self.mask.checksum, "values_digest": values_digest,
+                "base_checked": False}
+
+    def state(self) -> dict:
+        """What each checkpoint records about the plugin (``trainer_state.json``), read back on resume."""
+        return {"args": {"mask": self._mask_source, "policy": self.policy, "check_fingerprint": self.check_fingerprint,
+                         "grad_mode": self.grad_mode},
+                "attributes": {"record": dict(self.record)}}
+
+    # ------------------------------------------------------------------ set-up
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            from ssah_plugin.hosts.peft import check_peft_setup
+
+            check_peft_setup(model)  # TRL wraps with peft_config before this hook: refuse DoRA etc. here
+            self.mask.validate(model, check_fingerprint=self.check_fingerprint and not _is_zero3(model))
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise RuntimeError("SSAHCallback needs the model in on_train_begin; use it with transformers.Trainer")
+        if self.enforcer is not None:  # a second train() call on the same trainer
+            self.enforcer.detach()
+        # After resume_from_checkpoint the weights are the checkpoint's (fine-tuned outside the frozen units): the
+        # fingerprint (a sample of whole tensors) is not compared then, but the frozen values are, exactly.
+        resumed = state.global_step > 0
+        saved = _saved_record(state) if resumed else None
+        if resumed:
+            self._check_resume(saved, state)
+        self.mask, self.enforcer = build_enforcer(
+            self.mask, model, self.policy, optimizer=optimizer,
+            check_fingerprint=self.check_fingerprint and not resumed, check_values=self.check_fingerprint,
+            grad_mode=self.grad_mode,
+        )
+        report = self.enforcer.base_check
+        if resumed:
+            self._check_resumed_values(saved, report)
+        self.record = self._record(report.values_digest if report is not None else None)
+        self.record["base_checked"] = bool(report is not None and report.complete and self.check_fingerprint)
+        if isinstance(getattr(state, "stateful_callbacks", None), dict):
+            # a checkpoint written without the plugin has no entry, and the Trainer's save would fail on it
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        self.enforcer.attach()
+        self._hook_bema()
+        self._move_to_front()
+        self._steps = 0
+        self.summary = {
+            "policy": self.policy,
+            "frozen_units": self.mask.summary(self.policy)["frozen_units"],
+            "units": self.mask.n_units,
+            "frozen_fraction": self.mask.frozen_fraction(self.policy),
+            "frozen_elements": self.enforcer.frozen_elements,
+        }
+        if state.is_world_process_zero:
+            logger.info("ssah-plugin: freezing %d of %d units (%.2f%%, policy %s), %d weight elements",
+                        self.summary["frozen_units"], self.summary["units"], 100 * self.summary["frozen_fraction"],
+                        self.policy, self.summary["frozen_elements"])
+
+    # ------------------------------------------------------------------ resume
+    def _check_resume(self, saved: dict | None, state) -> None:
+        """Before anything is planned: is this run's frozen set the one the checkpoint was trained with?"""
+        if saved is None:
+            return  # written without the plugin: decided by the values (_check_resumed_values)
+        now = self._record()  # computed afresh (restore_callback_states_from_checkpoint may have set self.record)
+        if saved.get("frozen_set") != now["frozen_set"]:
+            was = f"{saved.get('frozen_units')} units under policy {saved.get('policy')!r}"
+            raise ResumeMismatchError(
+                f"resuming from a checkpoint (step {state.global_step}) trained with another frozen set: it froze "
+                f"{was} (mask {str(saved.get('mask_checksum'))[:12]}), this run freezes {now['frozen_units']} under "
+                f"policy {self.policy!r} (mask {now['mask_checksum'][:12]}); units frozen now but trained before "
+                f"would keep their trained values. Fix: resume with the mask and policy the checkpoint was trained "
+                f"with (policy={saved.get('policy')!r}), or start from the base model to train with the new ones")
+        if saved.get("mask_checksum") != now["mask_checksum"]:
+            logger.info("ssah-plugin: resuming with another mask file that freezes the same units")
+
+    def _check_resumed_values(self, saved: dict | None, report) -> None:
+        """After the base check: refuse what cannot be shown to hold the base values."""
+        base_ok = report is not None and report.complete and self.check_fingerprint  # mismatches raised already
+        if base_ok:
+            if saved is None:
+                logger.info("ssah-plugin: the checkpoint was written without SSAHCallback, but its frozen values "
+                            "are exactly the base's: continuing")
+            return
+        live = report.values_digest if report is not None else None
+        if saved is not None and saved.get("values_digest") and saved.get("values_digest") == live:
+            return  # same frozen values as when the checkpointed run started
+        if saved is None:
+            raise ResumeMismatchError(
+                "resuming from a checkpoint written without SSAHCallback, and this mask cannot prove that its frozen "
+                "values are still the base's (it holds no base digests: a format-1 mask or check_fingerprint=False). "
+                "Training on would freeze whatever the earlier run left there. Fix: start from the base model, or "
+                "upgrade the mask: Mask.load(path).record_base(base_model).save(path)")
+        raise ResumeMismatchError(
+            "the frozen values of the resumed checkpoint are not those its run froze (the weights were changed "
+            "after that run, or another base model is loaded). Fix: resume the unchanged checkpoint, or start from "
+            "the base model")
+
+    # ------------------------------------------------------------------ TRL's BEMACallback
+    def _hook_bema(self) -> None:
+        """Keep the EMA copy of TRL's ``BEMACallback`` (saved to ``output_dir/bema``) exact on frozen units.
+
+        BEMA updates ``ema = (1 - b) * ema + b * theta`` after every step: for a frozen value that is rounded again
+        each time (drift ~1e-8). We wrap that one instance's update so that right after it runs the frozen slices of
+        its EMA buffers and of its running model are written back. Only for the plain PyTorch host.
+        """
+        from ssah_plugin.core.engine import FreezeEngine
+
+        for cb in self._bema:
+            cb.__dict__.pop("_update_bema_weights", None)
+        self._bema = [c for c in _handler_callbacks(self) if type(c).__name__ == "BEMACallback"
+                      and callable(getattr(c, "_update_bema_weights", None))]
+        if not self._bema:
+            return
+        if not isinstance(self.enforcer, FreezeEngine):
+            warnings.warn("ssah-plugin: TRL's BEMACallback under DeepSpeed: its EMA copy (output_dir/bema) is not "
+                          "kept exact on frozen units; use the trained model, which is", RuntimeWarning, stacklevel=3)
+            self._bema = []
+            return
+        enforcer = self.enforcer
+        for cb in self._bema:
+            original = type(cb)._update_bema_weights.__get__(cb)
+
+            def update(step, cb=cb, original=original):
+                original(step)
+                _restore_bema(cb, enforcer)
+
+            cb._update_bema_weights = update
+
+    def _move_to_front(self) -> None:
+        """Run before the reporting callbacks so that our first ``on_log`` additions reach them.
+
+        The Trainer's ``CallbackHandler`` keeps callbacks in a list; we only reorder that list (found as the list
+        that holds this callback and the Trainer's ``DefaultFlowCallback``, so a user's own list is left alone),
+        nothing global. If it cannot be found, the summary still reaches ``trainer_state.json`` and the logs.
+        """
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        for ref in gc.get_referrers(self):
+            if (isinstance(ref, list) and ref and ref[0] is not self
+                    and all(isinstance(c, TrainerCallback) for c in ref)
+                    and any(isinstance(c, DefaultFlowCallback) for c in ref)):
+                ref.remove(self)
+                ref.insert(0, self)
+
+    # ------------------------------------------------------------------ every step
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.enforcer.after_step()
+        self._steps += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._logged and logs is not None and self.summary:
+            added = {"ssah/frozen_fraction": round(self.summary["frozen_fraction"], 6),
+                     "ssah/frozen_units": self.summary["frozen_units"]}
+            logs.update(added)  # the dict the reporting callbacks (TensorBoard, W&B, ...) receive next
+            if state.log_history:  # the Trainer appended its copy before on_log: keep trainer_state.json in step
+                state.log_history[-1].update(added)
+            self._logged = True
+
+    # ------------------------------------------------------------------ end
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.enforcer is None:
+            return
+        drift = self.enforcer.max_drift()
+        self.summary.update(steps=self._steps, max_drift=drift)
+        self.enforcer.detach()
+        if drift != 0.0:
+            warnings.warn(
+                f"ssah-plugin: frozen units drifted by up to {drift:.3e}: something changed the weights outside the "
+                "optimizer step (a custom training loop step, or a second optimizer?). Wrap that optimizer with "
+                "ssah_plugin.SSAHOptimizer.", RuntimeWarning, stacklevel=2)
+        if state.is_world_process_zero:
+            logger.info("ssah-plugin: %d optimizer steps, %d units frozen (%.2f%%), max drift of frozen values %.3g",
+                        self._steps, self.summary["frozen_units"], 100 * self.summary["frozen_fraction"], drift)
+
+
+def _is_zero3(model) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def _saved_record(state) -> dict | None:
+    """The plugin record a resumed checkpoint's ``trainer_state.json`` holds (``None``: written without it)."""
+    saved = getattr(state, "stateful_callbacks", None) or {}
+    entry = saved.get(SSAHCallback.__name__) if isinstance(saved, dict) else None
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    if not isinstance(entry, dict):
+        return None
+    record = (entry.get("attributes") or {}).get("record")
+    return record if isinstance(record, dict) and record.get("frozen_set") else None
+
+
+def _handler_callbacks(cb) -> list:
+    """The Trainer's callback list that holds ``cb`` (found as in ``_move_to_front``), or ``[]``."""
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    for ref in gc.get_referrers(cb):
+        if (isinstance(ref, list) and any(c is cb for c in ref) and all(isinstance(c, TrainerCallback) for c in ref)
+                and any(isinstance(c, DefaultFlowCallback) for c in ref)):
+            return list(ref)
+    return []
+
+
+def _restore_bema(bema, enforcer) -> None:
+    """Write the frozen values into BEMA's EMA buffers and its running model (right after its update)."""
+    import torch
+
+    index_of = {id(p): i for i, p in enumerate(getattr(bema, "thetat_params", []))}
+    names = getattr(bema, "param_names", [])
+    run = getattr(bema, "running_model", None)
+    run_params = dict(run.named_parameters()) if run is not None else {}
+    with torch.no_grad():
+        for s, snap in zip(enforcer.slices, enforcer._snapshots):
+            i = index_of.get(id(s.param))
+            if i is None:
+                continue
+            for t in (bema.ema_params[i], run_params.get(names[i]) if i < len(names) else None):
+                if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
+                    t.index_copy_(s.axis, s.index.to(t.device), snap.to(device=t.device, dtype=t.dtype))

@@ -1,0 +1,1 @@
+"""Training recipes that keep refusals: own-refusal replay and the token-wise constrained objective."""

@@ -1,0 +1,1 @@
+"""Tiny models and oracles shared by the test suite and the demo."""
