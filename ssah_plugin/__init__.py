@@ -13,6 +13,10 @@ Tiers of use:
 from typing import TYPE_CHECKING
 
 from ssah_plugin._version import __version__
+from ssah_plugin.core.engine import FreezeEngine
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
+from ssah_plugin.core.units import ArchSpec, describe_units, register_architecture
 from ssah_plugin.errors import (
     DataError,
     FrozenValuesError,
@@ -24,12 +28,8 @@ from ssah_plugin.errors import (
     UnsupportedArchitectureError,
     UnsupportedSetupError,
 )
-from ssah_plugin.core.engine import FreezeEngine
-from ssah_plugin.core.mask import Mask
 from ssah_plugin.hosts.optim import SSAHOptimizer
 from ssah_plugin.recipes.replay import with_refusal_replay
-from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
-from ssah_plugin.core.units import ArchSpec, describe_units, register_architecture
 
 __all__ = [
     "__version__",

@@ -26,6 +26,6 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_llama():
     """The seeded tiny Llama and the tiny chat tokenizer, shared read-only (copy the model before changing it)."""
-    from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
     return tiny_model("llama"), tiny_tokenizer()

@@ -5,9 +5,15 @@ import json
 
 import pytest
 
-from ssah_plugin.data.rows import encode_pairs, load_pairs, load_rows, pairs_from_rows, prompts_from_rows
+from ssah_plugin.data.rows import (
+    encode_pairs,
+    load_pairs,
+    load_rows,
+    pairs_from_rows,
+    prompts_from_rows,
+)
 from ssah_plugin.errors import DataError
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
 
 def _jsonl(path, rows):
@@ -117,7 +123,7 @@ def test_own_refusals(monkeypatch):
 def test_sft_examples_mask_prompt_and_drop_rows_without_response_tokens():
     from ssah_plugin.data.rows import sft_examples
     from ssah_plugin.evaluation.generation import chat_pair_ids
-    from ssah_plugin.testing.tiny import tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     pairs = [("Add 2 and 3.", "The sum is 5."), ("x " * 200, "cut away")]

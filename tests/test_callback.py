@@ -14,10 +14,10 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ssah_plugin.hosts.callback import SSAHCallback
-from ssah_plugin.errors import MaskMismatchError, SSAHError
 from ssah_plugin.core.mask import Mask
-from ssah_plugin.testing.tiny import TINY_FAMILIES, tiny_model
+from ssah_plugin.errors import MaskMismatchError, SSAHError
+from ssah_plugin.hosts.callback import SSAHCallback
+from ssah_plugin.io.tiny import TINY_FAMILIES, tiny_model
 
 MAX_GRAD_NORM = 0.01
 

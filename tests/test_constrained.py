@@ -17,13 +17,18 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from ssah_plugin.hosts.callback import SSAHCallback
-from ssah_plugin.recipes.constrained import (PAPER_BETA_REST, PAPER_BETAS, TokenwiseConstraint, beta_schedule,
-                                     response_positions)
-from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.callback import SSAHCallback
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.recipes.constrained import (
+    PAPER_BETA_REST,
+    PAPER_BETAS,
+    TokenwiseConstraint,
+    beta_schedule,
+    response_positions,
+)
 
 LOG2 = math.log(2.0)
 UNITS = {"model.layers.0.mlp": [0, 9, 100], "model.layers.0.self_attn": [2, 40], "model.layers.1.mlp": [5],

@@ -10,7 +10,7 @@ import pytest
 from ssah_plugin.cli import main
 from ssah_plugin.data.rows import sft_examples
 from ssah_plugin.evaluation.evaluate import load_benign
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
 locate_mod = pytest.importorskip("ssah_plugin.locate.runner")
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,8 @@ import ssah_plugin.evaluation.evaluate as ev
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.generation import chat_prompt
 from ssah_plugin.evaluation.judge import RefusalJudge
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.io.models import load_model
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
 PAIRS = [("What is 2+2?", "It is 4."),
          ("Write a short greeting for a letter to a friend.", "Dear friend, I hope this letter finds you well."),
@@ -132,14 +133,19 @@ def test_loaders_read_files_and_reject_bad_rows(tmp_path):
     with pytest.raises(DataError, match="split"):
         ev.load_harmful("advbench:nope")
     with pytest.raises(DataError, match="tiny"):
-        ev.load_model("tiny:nope")
+        load_model("tiny:nope")
     with pytest.raises(DataError, match="does not exist"):
-        ev.load_model("./no/such/folder")
+        load_model("./no/such/folder")
 
 
 # ---------------------------------------------------------------------------------------------------- report + CLI
 from ssah_plugin.cli import main  # noqa: E402
-from ssah_plugin.evaluation.report import markdown_table, plot_results, results_json, save_responses  # noqa: E402
+from ssah_plugin.evaluation.report import (  # noqa: E402
+    markdown_table,
+    plot_results,
+    results_json,
+    save_responses,
+)
 
 FAKE = [
     {"name": "base", "asr": 0.02, "refusal_rate": 0.98, "n_harmful": 100, "benign_loss": 1.2345, "perplexity": 3.44,
@@ -197,7 +203,7 @@ def test_load_model_merges_a_peft_adapter_folder(tmp_path):
                 p.fill_(0.01)
     lora.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     lora.save_pretrained(tmp_path / "adapter")
-    merged, tok = ev.load_model(tmp_path / "adapter")
+    merged, tok = load_model(tmp_path / "adapter")
     expected = lora.merge_and_unload().model.layers[0].mlp.down_proj.weight
     assert torch.equal(merged.model.layers[0].mlp.down_proj.weight, expected)
     assert tok.chat_template

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from ssah_plugin import FreezeEngine, Mask, plan_frozen_slices
-from ssah_plugin.hosts.enforce import build_enforcer, detect_host
 from ssah_plugin.core.plan import FrozenSlice
-from ssah_plugin.testing.tiny import tiny_model
-
+from ssah_plugin.hosts.enforce import build_enforcer, detect_host
+from ssah_plugin.io.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

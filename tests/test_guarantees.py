@@ -5,7 +5,6 @@ Resume cases (item 1) are in tests/test_resume.py, damaged mask files (items 8 a
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,12 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from ssah_plugin import Mask, SSAHCallback, SSAHOptimizer
-from ssah_plugin.errors import FrozenValuesError, MaskMismatchError, SSAHError, UnsupportedSetupError
-from ssah_plugin.core.plan import plan_frozen_slices
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.errors import (
+    FrozenValuesError,
+    MaskMismatchError,
+    UnsupportedSetupError,
+)
+from ssah_plugin.io.tiny import tiny_model
 
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [5, 64], "model.layers.1.self_attn": [0, 63]}

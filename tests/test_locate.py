@@ -6,12 +6,19 @@ import json
 import pytest
 import torch
 
-from ssah_plugin.data.rows import encode_pairs, load_pairs
-from ssah_plugin.locate.runner import (ChannelStats, LocateConfig, channel_scores, collect_stats, locate, pad_id_of,
-                                unit_scores)
 from ssah_plugin.core.mask import Mask
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 from ssah_plugin.core.units import describe_units
+from ssah_plugin.data.rows import encode_pairs, load_pairs
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.locate.runner import (
+    ChannelStats,
+    LocateConfig,
+    channel_scores,
+    collect_stats,
+    locate,
+    pad_id_of,
+    unit_scores,
+)
 
 SAFETY = "shipped:safety_refusals.jsonl"
 UTILITY = "shipped:benign_instructions.jsonl"

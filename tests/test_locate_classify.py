@@ -4,10 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssah_plugin.locate.runner import LocateConfig, build_mask, choose_sizes, classify, reclassify, standardize
 from ssah_plugin.core.mask import CLASS_CODES, Mask
-from ssah_plugin.testing.tiny import tiny_model
 from ssah_plugin.core.units import describe_units
+from ssah_plugin.io.tiny import tiny_model
+from ssah_plugin.locate.runner import (
+    LocateConfig,
+    build_mask,
+    choose_sizes,
+    classify,
+    reclassify,
+    standardize,
+)
 
 SCU, UCU, CU, RU = (CLASS_CODES[k] for k in ("SCU", "UCU", "CU", "RU"))
 

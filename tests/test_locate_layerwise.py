@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 from ssah_plugin.locate.layerwise import ShardReader, checkpoint_bytes, locate_layerwise
 from ssah_plugin.locate.runner import LocateConfig, locate, locate_pretrained
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
 
 CFG = dict(max_samples=5, batch_size=2, max_length=80, progress=False)
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.core.policies import PolicyError, resolve_policy
+from ssah_plugin.core.units import describe_units
 from ssah_plugin.data.rows import load_pairs
 from ssah_plugin.errors import DataError, UnsupportedSetupError
 from ssah_plugin.evaluation.generation import chat_pair_ids, chat_prompt
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 from ssah_plugin.locate.runner import LocateConfig, locate, standardize
-from ssah_plugin.core.mask import CLASS_CODES, Mask
-from ssah_plugin.core.policies import PolicyError, resolve_policy
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.core.units import describe_units
 
 SAFETY = load_pairs("shipped:safety_refusals.jsonl", max_samples=40, seed=3)
 UTILITY = load_pairs("shipped:benign_instructions.jsonl", max_samples=12, seed=3)
@@ -291,8 +291,8 @@ def test_callback_keeps_selected_units_bit_exact(llama_located, tmp_path, policy
 
 
 def test_optimizer_wrapper_keeps_selected_units_bit_exact(llama_located):
-    from ssah_plugin.hosts.optim import SSAHOptimizer
     from ssah_plugin.core.plan import plan_frozen_slices
+    from ssah_plugin.hosts.optim import SSAHOptimizer
 
     _, mask = llama_located
     model = tiny_model("llama")

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ssah_plugin.errors import MaskFormatError, MaskMismatchError, SSAHError
 from ssah_plugin.core.mask import CLASS_NAMES, FORMAT_VERSION, Mask, payload_checksum
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.errors import MaskFormatError, MaskMismatchError, SSAHError
+from ssah_plugin.io.tiny import tiny_model
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN_DIR))

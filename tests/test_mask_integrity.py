@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssah_plugin.errors import MaskFormatError
 from ssah_plugin.core.mask import Mask
+from ssah_plugin.errors import MaskFormatError
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN_DIR))

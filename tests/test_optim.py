@@ -8,7 +8,7 @@ import torch
 
 from ssah_plugin import Mask, SSAHOptimizer
 from ssah_plugin.errors import MaskMismatchError, UnsupportedSetupError
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.io.tiny import tiny_model
 
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [64], "model.layers.1.self_attn": [0, 63]}

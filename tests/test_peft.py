@@ -15,13 +15,18 @@ import torch
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from ssah_plugin.hosts.peft import adapter_slices, compare_frozen_units, merge_adapter_state, saved_copies  # noqa: E402
-from ssah_plugin.hosts.enforce import build_enforcer  # noqa: E402
-from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
 from ssah_plugin.core.mask import Mask  # noqa: E402
 from ssah_plugin.core.plan import plan_frozen_slices  # noqa: E402
-from ssah_plugin.testing.tiny import tiny_model  # noqa: E402
 from ssah_plugin.core.units import describe_units  # noqa: E402
+from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
+from ssah_plugin.hosts.enforce import build_enforcer  # noqa: E402
+from ssah_plugin.hosts.peft import (  # noqa: E402
+    adapter_slices,
+    compare_frozen_units,
+    merge_adapter_state,
+    saved_copies,
+)
+from ssah_plugin.io.tiny import tiny_model  # noqa: E402
 
 FROZEN = [1, 5, 6]  # frozen units in every group (MLP neurons / attention channels)
 TARGETS = {
@@ -219,7 +224,14 @@ def test_low_precision_frozen_base():
 
 # ---------------------------------------------------------------------------------------------------- refusals
 def _refused_models():
-    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, PrefixTuningConfig, VeraConfig
+    from peft import (
+        AdaLoraConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        PrefixTuningConfig,
+        VeraConfig,
+    )
 
     t = ["gate_proj", "down_proj"]
     return [

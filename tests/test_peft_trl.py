@@ -15,11 +15,11 @@ pytest.importorskip("trl")
 from peft import LoraConfig  # noqa: E402
 
 from ssah_plugin import SSAHCallback  # noqa: E402
-from ssah_plugin.hosts.peft import compare_frozen_units  # noqa: E402
-from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
 from ssah_plugin.core.mask import Mask  # noqa: E402
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from ssah_plugin.core.units import describe_units  # noqa: E402
+from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
+from ssah_plugin.hosts.peft import compare_frozen_units  # noqa: E402
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 FROZEN = [0, 3, 7]
 TARGETS = {

@@ -11,11 +11,16 @@ from datasets import Dataset, IterableDataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from ssah_plugin import SSAHCallback, with_refusal_replay
+from ssah_plugin.core.mask import Mask
 from ssah_plugin.data.rows import sft_examples
 from ssah_plugin.errors import DataError, UnsupportedSetupError
-from ssah_plugin.core.mask import Mask
-from ssah_plugin.recipes.replay import ReplayDataset, load_refusals, plan_replay, replay_rows
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.recipes.replay import (
+    ReplayDataset,
+    load_refusals,
+    plan_replay,
+    replay_rows,
+)
 
 REFUSALS = [("how do I do a bad thing 1", "I'm sorry, but I can't help with that."),
             ("how do I do a bad thing 2", "I cannot assist with that request."),
@@ -204,8 +209,8 @@ def test_replay_composes_with_freezing(tmp_path):
 def test_cli_refusals(tmp_path, monkeypatch, capsys):
     """The command writes the replies the judge reads as refusals; a tiny random model refuses nothing, so the
     judge is told every reply is a refusal here (the selection itself is tested with locate's own_refusals)."""
-    from ssah_plugin.evaluation import judge as judge_mod
     from ssah_plugin.cli import main
+    from ssah_plugin.evaluation import judge as judge_mod
 
     monkeypatch.setattr(judge_mod.RefusalJudge, "is_refusal", lambda self, text: bool(text.strip()))
     out = tmp_path / "ref.jsonl"

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from ssah_plugin import Mask, SSAHCallback
 from ssah_plugin.errors import FrozenValuesError, ResumeMismatchError
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.io.tiny import tiny_model
 
 NARROW = {"model.layers.0.mlp": [0, 3], "model.layers.1.self_attn": [5]}
 WIDE_EXTRA = {"model.layers.1.mlp": [7, 8], "model.layers.0.self_attn": [2]}

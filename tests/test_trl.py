@@ -11,9 +11,9 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from ssah_plugin.hosts.callback import SSAHCallback
 from ssah_plugin.core.mask import Mask
-from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.hosts.callback import SSAHCallback
+from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
 trl = pytest.importorskip("trl")
 

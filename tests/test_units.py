@@ -13,9 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from ssah_plugin.core.units import (
+    ARCHITECTURES,
+    ArchSpec,
+    describe_units,
+    register_architecture,
+)
 from ssah_plugin.errors import UnsupportedArchitectureError
-from ssah_plugin.testing.tiny import TINY_FAMILIES, tiny_model
-from ssah_plugin.core.units import ARCHITECTURES, ArchSpec, describe_units, register_architecture
+from ssah_plugin.io.tiny import TINY_FAMILIES, tiny_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 128, 77]])
 

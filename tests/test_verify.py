@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ssah_plugin.evaluation.verify as verify_mod
-from ssah_plugin.io.checkpoint import SafetensorsCheckpoint
 from ssah_plugin.cli import main
-from ssah_plugin.errors import DataError, MaskFormatError, MaskMismatchError
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.errors import DataError, MaskFormatError, MaskMismatchError
+from ssah_plugin.io.checkpoint import SafetensorsCheckpoint
+from ssah_plugin.io.tiny import tiny_model
 
 SHARD = "40KB"  # the tiny llama (~0.5 MB) is written as ~13 shards + index
 

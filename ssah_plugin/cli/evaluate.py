@@ -124,12 +124,14 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--save-responses needs --out DIR")
     if args.min_words < 0:
         raise DataError("--min-words must be >= 0")
-    from ssah_plugin.io.model_path import check_model_path  # every --model checked before any is loaded
+    from ssah_plugin.io.model_path import (
+        check_model_path,  # every --model checked before any is loaded
+    )
     list(map(check_model_path, args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = args.name or args.model
     judge = RefusalJudge(args.judge, min_words=args.min_words, normalize_apostrophes=not args.exact_apostrophes)
-    from ssah_plugin.evaluation.evaluate import load_model
+    from ssah_plugin.io.models import load_model
 
     cfg, data = _deep_setup(args, judge)
     results, base = [], None
@@ -178,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
 def _deep_setup(args: argparse.Namespace, judge):
     """The deep-evaluation config and data, or ``(None, None)`` when no deep option is given (checked before any
     model is loaded, so that a bad data file or option fails at once)."""
-    from ssah_plugin.evaluation.deep_eval import DeepConfig, load_deep_data
     from ssah_plugin.errors import DataError
+    from ssah_plugin.evaluation.deep_eval import DeepConfig, load_deep_data
 
     attacks = ("prefill", "framing") if args.deep else tuple(dict.fromkeys(args.attack or ()))
     depth, over = args.deep or args.depth, args.deep or args.over_refusal

@@ -29,7 +29,10 @@ def _grid(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ssah_plugin.locate.runner import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY
+    from ssah_plugin.locate.runner import (
+        DEFAULT_SHIPPED_SAFETY,
+        DEFAULT_SHIPPED_UTILITY,
+    )
 
     p.add_argument("--model", required=True, help="local HF folder, hub name, or tiny:<family> (tests/demo)")
     p.add_argument("--tokenizer", help="tokenizer folder/name if it differs from --model")
@@ -120,8 +123,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ssah_plugin.locate.runner import locate_pretrained
     from ssah_plugin.io.model_path import check_model_path, check_output_file
+    from ssah_plugin.locate.runner import locate_pretrained
 
     check_output_file(args.output, what="--output")  # before the work, not after it
     check_model_path(args.model)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError("the prompts file holds only AdvBench 'eval' rows, which are kept for evaluation")
     prompts = prompts_from_rows(rows, where="harmful prompts")[: args.max_prompts]
 
-    from ssah_plugin.evaluation.evaluate import load_model
+    from ssah_plugin.io.models import load_model
     from ssah_plugin.recipes.replay import collect_refusals, save_refusals
 
     device = None if args.device == "auto" else args.device

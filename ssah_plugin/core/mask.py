@@ -54,8 +54,15 @@ import torch
 from torch import nn
 
 from ssah_plugin._version import __version__
+from ssah_plugin.core.units import (
+    Granularity,
+    SliceMap,
+    UnitGroup,
+    describe_units,
+    find_arch_spec,
+    unwrap_model,
+)
 from ssah_plugin.errors import MaskFormatError, MaskMismatchError
-from ssah_plugin.core.units import Granularity, SliceMap, UnitGroup, describe_units, find_arch_spec, unwrap_model
 
 __all__ = ["Mask", "CLASS_NAMES", "CLASS_CODES", "FORMAT_VERSION", "config_hash", "fingerprint_samples",
            "payload_checksum"]

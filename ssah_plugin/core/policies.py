@@ -93,7 +93,9 @@ def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
         return [s.clone() for s in mask.stored[policy]]
     if policy == "none":
         return [torch.zeros(g.n_units, dtype=torch.bool) for g in mask.groups]
-    from ssah_plugin.core.selections import resolve_selection  # decision / conflict units and unions with them
+    from ssah_plugin.core.selections import (
+        resolve_selection,  # decision / conflict units and unions with them
+    )
 
     selected = resolve_selection(mask, policy, resolve_policy)
     if selected is not None:

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssah_plugin.errors import DataError
-from ssah_plugin.evaluation.generation import Prompt, generate, generate_from_ids, prompt_ids
+from ssah_plugin.evaluation.generation import (
+    Prompt,
+    generate,
+    generate_from_ids,
+    prompt_ids,
+)
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.evaluation.stats import rate_summary, wilson_interval
 

@@ -18,8 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ssah_plugin.evaluation.attacks import DEFAULT_KS, Framing, framing_attack, load_framings, load_targets, prefill_attack
 from ssah_plugin.errors import DataError
+from ssah_plugin.evaluation.attacks import (
+    DEFAULT_KS,
+    Framing,
+    framing_attack,
+    load_framings,
+    load_targets,
+    prefill_attack,
+)
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.evaluation.stats import mcnemar_exact
 
@@ -166,7 +173,7 @@ def deep_compare(checkpoints: Sequence, *, harmful=None, benign=None, limit: int
                  cfg: DeepConfig | None = None, dtype=None, device: str | None = None) -> list[dict]:
     """:func:`deep_evaluate` on ``checkpoints`` (specs, ``(name, spec)`` or ``(name, model, tokenizer)``), the first
     being the base. Returns one ``{"name", "model", "deep": result, "paired_vs_base": [...]}`` per checkpoint."""
-    from ssah_plugin.evaluation.evaluate import load_model
+    from ssah_plugin.io.models import load_model
 
     cfg = cfg or DeepConfig()
     items = list(checkpoints)

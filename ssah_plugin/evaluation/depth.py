@@ -22,6 +22,7 @@ import torch
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.generation import Prompt, generate_ids, prompt_ids
 from ssah_plugin.evaluation.judge import DEFAULT_LIST, refusal_lists
+from ssah_plugin.io.models import model_device, pad_id_of
 
 __all__ = ["refusal_log_odds", "reply_kl", "start_prefixes", "default_refusal_starts", "default_compliance_starts",
            "forward_batches", "padded_batches"]
@@ -81,10 +82,6 @@ def start_prefixes(tokenizer, refusal: Sequence[str], compliance: Sequence[str])
     return out
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def padded_batches(seqs: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0, progress: bool = False,
                    desc: str = "forward"):
     """Yield ``(indices, input_ids, attention_mask)`` for right-padded batches of ``seqs`` (longest first)."""
@@ -112,7 +109,7 @@ def forward_batches(model, seqs: Sequence[Sequence[int]], fn: Callable, *, batch
     """Run ``model`` on right-padded batches of ``seqs``; call ``fn(index, logits, hidden_states)`` per sequence
     with its unpadded ``logits`` ``[len, vocab]`` (float32) and, if ``hidden``, a tuple of ``[len, d]`` per layer
     output (``output_hidden_states``; entry 0 is the embeddings). The model is in eval mode for the call."""
-    device, was_training = _device(model), model.training
+    device, was_training = model_device(model), model.training
     try:
         model.eval()
         for batch, ids, attn in padded_batches(seqs, batch_size=batch_size, pad_id=pad_id, progress=progress,
@@ -124,10 +121,6 @@ def forward_batches(model, seqs: Sequence[Sequence[int]], fn: Callable, *, batch
                 fn(i, out.logits[row, :n].float(), hs)
     finally:
         model.train(was_training)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def refusal_log_odds(
@@ -168,7 +161,7 @@ def refusal_log_odds(
         last[keys[j]] = torch.log_softmax(logits[-1], dim=-1)[needed].double().cpu()
 
     forward_batches(model, seqs, keep, batch_size=batch_size, progress=progress, desc="log-odds",
-                    pad_id=_pad_id(tokenizer))
+                    pad_id=pad_id_of(tokenizer))
 
     def log_p(i: int, prefixes: list[tuple]) -> float:
         seq_lp = [sum(float(last[(i, p[:t])][col[p[t]]]) for t in range(len(p))) for p in prefixes]
@@ -226,10 +219,10 @@ def reply_kl(
         base.eval()
         tuned.eval()
         with torch.no_grad():
-            for batch, ids, attn in padded_batches(seqs, batch_size=batch_size, pad_id=_pad_id(tokenizer),
+            for batch, ids, attn in padded_batches(seqs, batch_size=batch_size, pad_id=pad_id_of(tokenizer),
                                                    progress=progress, desc="reply KL"):
-                lb_all = base(input_ids=ids.to(_device(base)), attention_mask=attn.to(_device(base))).logits
-                lt_all = tuned(input_ids=ids.to(_device(tuned)), attention_mask=attn.to(_device(tuned))).logits
+                lb_all = base(input_ids=ids.to(model_device(base)), attention_mask=attn.to(model_device(base))).logits
+                lt_all = tuned(input_ids=ids.to(model_device(tuned)), attention_mask=attn.to(model_device(tuned))).logits
                 if lb_all.shape != lt_all.shape:
                     raise DataError(f"base and tuned logits differ in shape ({tuple(lb_all.shape)} vs "
                                     f"{tuple(lt_all.shape)}): the models do not share a vocabulary")

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ssah_plugin.evaluation.depth import _pad_id, forward_batches
 from ssah_plugin.errors import DataError
+from ssah_plugin.evaluation.depth import forward_batches
 from ssah_plugin.evaluation.generation import Prompt, prompt_ids
+from ssah_plugin.io.models import pad_id_of
 
 __all__ = ["last_token_states", "refusal_direction", "direction_kept"]
 
@@ -40,7 +41,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[Prompt], *, system: st
         rows[i] = torch.stack([h[-1] for h in hs[:-1]]).cpu()  # drop the final (normalised) state
 
     forward_batches(model, seqs, keep, batch_size=batch_size, hidden=True, progress=progress, desc=desc,
-                    pad_id=_pad_id(tokenizer))
+                    pad_id=pad_id_of(tokenizer))
     return torch.stack(rows)
 
 

@@ -16,12 +16,10 @@ dict (``details``) so that a caller can save them deliberately.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +29,7 @@ from ssah_plugin.errors import DataError, SSAHError
 from ssah_plugin.evaluation.generation import Prompt, chat_pair_ids, generate
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.evaluation.stats import wilson_interval
+from ssah_plugin.io.models import load_model, max_positions
 
 __all__ = [
     "attack_success_rate",
@@ -38,7 +37,6 @@ __all__ = [
     "benign_loss",
     "evaluate_checkpoint",
     "compare",
-    "load_model",
     "load_harmful",
     "harmful_rows",
     "load_benign",
@@ -114,69 +112,6 @@ def load_benign(source: str | os.PathLike | None = None, limit: int | None = Non
     if not pairs:
         raise DataError(f"no benign pairs in {str(source)!r}")
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------------- models
-def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Load ``(model, tokenizer)`` from ``tiny:<family>`` (tests), a local folder, or a hub name.
-
-    A folder holding a PEFT adapter (``adapter_config.json``) is merged into the base model its config names
-    (:func:`ssah_plugin.hosts.peft.merge_adapter_state`); its tokenizer is the adapter folder's if saved, else the base's.
-    """
-    spec = str(spec)
-    if spec.startswith("tiny:"):
-        from ssah_plugin.testing.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
-
-        family = spec.partition(":")[2] or "llama"
-        if family not in TINY_FAMILIES:
-            raise DataError(f"unknown tiny model {spec!r}; choose tiny:<family> with family in {TINY_FAMILIES}")
-        model, tok = tiny_model(family), tiny_tokenizer()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(spec)
-        from ssah_plugin.io.model_path import check_model_path  # one clear line for a path that holds no model
-
-        check_model_path(spec)
-        if path.is_dir() and (path / "adapter_config.json").is_file():
-            model, tok = _load_adapter(path, dtype)
-        else:
-            if not path.exists() and spec.startswith((".", "/", "~")):
-                raise DataError(f"model folder {spec!r} does not exist")
-            kwargs: dict[str, Any] = {}
-            if dtype is not None:
-                kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            try:
-                tok = AutoTokenizer.from_pretrained(spec)
-                model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-            except OSError as exc:
-                where = "" if path.exists() else f"there is no local folder {spec!r}, and as a hub name: "
-                first = f"cannot load model {spec!r}: {where}{exc}".splitlines()[0]
-                raise DataError(first + " (a local folder with config.json and weights, a hub name, or "
-                                "tiny:<family>)") from None
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tok
-
-
-def _load_adapter(path: Path, dtype):
-    """A PEFT adapter folder: merged into the base named in its ``adapter_config.json`` (what users deploy)."""
-    from transformers import AutoTokenizer
-
-    from ssah_plugin.hosts.peft import merge_adapter_state
-
-    try:
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise DataError(f"{path}/adapter_config.json does not name its base model ({exc}); merge the adapter "
-                        "yourself (model.merge_and_unload().save_pretrained(dir)) and evaluate that folder") from None
-    if not base:
-        raise DataError(f"{path}/adapter_config.json does not name its base model; merge the adapter yourself "
-                        "(model.merge_and_unload().save_pretrained(dir)) and evaluate that folder")
-    model = merge_adapter_state(base, path, dtype=dtype or "auto")
-    tok_dir = path if (path / "tokenizer_config.json").is_file() else base
-    return model, AutoTokenizer.from_pretrained(tok_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- safety
@@ -270,17 +205,6 @@ def _pair_ids(tokenizer, pair, system: str | None, max_length: int) -> tuple[lis
     return p, r, truncated
 
 
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    get = getattr(cfg, "get_text_config", None)
-    cfg = get() if callable(get) else cfg
-    for name in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 1:
-            return v
-    return None
-
-
 @torch.no_grad()
 def benign_loss(
     model,
@@ -307,7 +231,7 @@ def benign_loss(
     """
     if max_length < 2 or batch_size < 1:
         raise ValueError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and limit < max_length:
         logger.info("benign loss: max_length %d lowered to the model's %d positions", max_length, limit)
         max_length = limit

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ssah_plugin.errors import DataError
+from ssah_plugin.io.models import model_device
 
 __all__ = ["generate", "generate_ids", "generate_from_ids", "prompt_ids", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
 
@@ -95,13 +96,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
         raise DataError("neither the tokenizer nor the model's generation config defines an eos token; "
                         "set tokenizer.eos_token so generation can stop")
     return ids
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def generate(
@@ -190,7 +184,7 @@ def generate_from_ids(
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     old_side = tokenizer.padding_side
     out: list[list[int]] = [[] for _ in encoded]

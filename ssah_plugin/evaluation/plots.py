@@ -112,7 +112,6 @@ def plot_deep(results: list[dict], path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     rows = [(r["name"], r["deep"]) for r in results if r.get("deep")]

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from ssah_plugin.io.checkpoint import TensorSource, open_checkpoint
-from ssah_plugin.errors import DataError, MaskMismatchError
 from ssah_plugin.core.mask import CLASS_NAMES, Mask, _samples_match, fingerprint_samples
+from ssah_plugin.errors import DataError, MaskMismatchError
+from ssah_plugin.io.checkpoint import TensorSource, open_checkpoint
 
 __all__ = ["verify_checkpoint", "VerifyReport", "DriftStats", "EXIT_OK", "EXIT_DRIFT", "EXIT_ERROR"]
 

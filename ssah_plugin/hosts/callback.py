@@ -32,9 +32,9 @@ import warnings
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ssah_plugin.hosts.enforce import MaskLike, build_enforcer, load_mask
-from ssah_plugin.errors import ResumeMismatchError
 from ssah_plugin.core.mask import Mask
+from ssah_plugin.errors import ResumeMismatchError
+from ssah_plugin.hosts.enforce import MaskLike, build_enforcer, load_mask
 
 __all__ = ["SSAHCallback"]
 

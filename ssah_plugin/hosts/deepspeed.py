@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ssah_plugin.errors import UnsupportedSetupError, require
 from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
+from ssah_plugin.errors import UnsupportedSetupError, require
 
 __all__ = ["DeepSpeedEnforcer", "build_deepspeed_enforcer", "deepspeed_enforce", "refuse_under_zero"]
 
@@ -380,8 +380,8 @@ def build_deepspeed_enforcer(mask, model: nn.Module, policy: str | None, optimiz
     or (for raw engines) ``engine.optimizer``. Must run on every rank (ZeRO-3 fingerprinting and the base-value check
     gather parameters; every rank computes the same answer, so a refusal is raised on every rank).
     """
-    from ssah_plugin.hosts.enforce import run_base_check
     from ssah_plugin.core.engine import is_schedule_free
+    from ssah_plugin.hosts.enforce import run_base_check
 
     zero_opt, torch_opt = _find_zero_optimizer(optimizer)
     _check_setup(zero_opt, model)

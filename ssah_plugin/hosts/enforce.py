@@ -11,10 +11,10 @@ from typing import Protocol, Union
 import torch
 from torch import nn
 
-from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.core.engine import FreezeEngine, GradMode
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
+from ssah_plugin.errors import UnsupportedSetupError
 
 __all__ = ["Enforcer", "MaskLike", "load_mask", "build_enforcer", "detect_host", "unwrap_optimizer"]
 

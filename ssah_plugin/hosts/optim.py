@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssah_plugin.hosts.enforce import MaskLike, build_enforcer
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.enforce import MaskLike, build_enforcer
 
 __all__ = ["SSAHOptimizer"]
 
@@ -63,7 +63,9 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         self._wrapping = False
         self.enforcer.attach()
-        from ssah_plugin.hosts.deepspeed import refuse_under_zero  # refuses at the first backward if DeepSpeed ZeRO takes over
+        from ssah_plugin.hosts.deepspeed import (
+            refuse_under_zero,  # refuses at the first backward if DeepSpeed ZeRO takes over
+        )
 
         self._zero_guard = refuse_under_zero(self.enforcer.slices)
 

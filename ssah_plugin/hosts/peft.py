@@ -38,8 +38,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ssah_plugin.errors import UnsupportedSetupError, require
 from ssah_plugin.core.plan import FrozenSlice
+from ssah_plugin.errors import UnsupportedSetupError, require
 
 __all__ = [
     "adapter_slices",

@@ -1,4 +1,4 @@
-"""One check, shared by the commands and :func:`ssah_plugin.evaluation.evaluate.load_model`: is this a model we can load?
+"""One check, shared by the commands and :func:`ssah_plugin.io.models.load_model`: is this a model we can load?
 
 Run before any work, so that a folder that holds no model gives one clear line instead of a transformers
 traceback (which, for a folder without a tokenizer, is about a missing tokenizer converter).

@@ -35,9 +35,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssah_plugin.core.units import UnitGroup, unwrap_model
 from ssah_plugin.data.rows import EncodedPair, Pair, encode_pairs
 from ssah_plugin.errors import DataError, UnsupportedSetupError
-from ssah_plugin.core.units import UnitGroup, unwrap_model
 
 __all__ = ["loss_gradients", "conflict_scores", "add_conflict_units", "load_task_pairs"]
 
@@ -75,7 +75,8 @@ def loss_gradients(model: nn.Module, groups: Sequence[UnitGroup], encoded: Seque
     """
     import torch.nn.functional as F
 
-    from ssah_plugin.locate.runner import _model_device, _progress, batches, n_batches
+    from ssah_plugin.io.models import model_device as _model_device
+    from ssah_plugin.locate.runner import _progress, batches, n_batches
 
     root = unwrap_model(model)
     params = _unit_params(root, groups)
@@ -162,8 +163,8 @@ def add_conflict_units(model: nn.Module, tokenizer, mask, safety_pairs: Sequence
     """Score task-conflict units and add them to ``mask`` in place (scores ``conflict_dot`` / ``conflict_cos``,
     stored set ``conflict`` = the ``cfg.conflict_fraction`` most negative ``conflict_dot``,
     ``method["selections"]["conflict"]``). Two forward + backward passes per batch set; weights unchanged."""
-    from ssah_plugin.locate.runner import _source_name, max_positions, pad_id_of
     from ssah_plugin.core.selections import CONFLICT_COS, CONFLICT_DOT, store_selection
+    from ssah_plugin.locate.runner import _source_name, max_positions, pad_id_of
 
     root = unwrap_model(model)
     task_pairs = load_task_pairs(task, cfg)

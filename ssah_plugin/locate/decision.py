@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ssah_plugin.core.units import UnitGroup, unwrap_model
 from ssah_plugin.data.rows import EncodedPair
 from ssah_plugin.errors import DataError
-from ssah_plugin.core.units import UnitGroup, unwrap_model
 
 __all__ = ["prompt_end_examples", "decision_channel_scores", "decision_scores", "add_decision_units"]
 
@@ -105,7 +105,13 @@ def decision_scores(model: nn.Module, tokenizer, groups: Sequence[UnitGroup], ha
     ``harmful`` / ``benign`` are prompts (strings or message lists); duplicates are dropped. Runs two forward
     passes over the prompts (no LM head, no backward).
     """
-    from ssah_plugin.locate.runner import _layout_of, collect_stats, max_positions, pad_id_of, unit_scores
+    from ssah_plugin.locate.runner import (
+        _layout_of,
+        collect_stats,
+        max_positions,
+        pad_id_of,
+        unit_scores,
+    )
 
     root = unwrap_model(model)
     h, b = distinct_prompts(harmful), distinct_prompts(benign)
@@ -133,8 +139,8 @@ def decision_scores(model: nn.Module, tokenizer, groups: Sequence[UnitGroup], ha
 def add_decision_units(model: nn.Module, tokenizer, mask, harmful: Sequence[Any], benign: Sequence[Any], cfg):
     """Score decision units on ``model`` and add them to ``mask`` in place (scores ``decision``/``decision_z``,
     stored set ``decision`` = top ``cfg.decision_fraction``, ``method["selections"]["decision"]``)."""
-    from ssah_plugin.locate.runner import standardize
     from ssah_plugin.core.selections import DECISION, DECISION_Z, store_selection
+    from ssah_plugin.locate.runner import standardize
 
     raw, info = decision_scores(model, tokenizer, mask.groups, harmful, benign, cfg)
     z = standardize(raw, cfg.standardize)

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.core.mask import Mask, fingerprint_samples
 from ssah_plugin.core.units import _layers, describe_units, find_arch_spec
+from ssah_plugin.errors import UnsupportedSetupError
 
 __all__ = ["locate_layerwise", "ShardReader", "checkpoint_bytes", "memory_available"]
 

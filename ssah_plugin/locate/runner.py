@@ -36,10 +36,30 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from ssah_plugin.data.rows import EncodedPair, Pair, encode_pairs, load_rows, pairs_from_rows, prompts_from_rows, sample_rows
-from ssah_plugin.errors import DataError, UnsupportedSetupError
 from ssah_plugin.core.mask import CLASS_CODES, Mask, config_hash, fingerprint_samples
-from ssah_plugin.core.units import UnitGroup, describe_units, find_arch_spec, unwrap_model
+from ssah_plugin.core.units import (
+    UnitGroup,
+    describe_units,
+    find_arch_spec,
+    unwrap_model,
+)
+from ssah_plugin.data.rows import (
+    EncodedPair,
+    Pair,
+    encode_pairs,
+    load_rows,
+    pairs_from_rows,
+    prompts_from_rows,
+    sample_rows,
+)
+from ssah_plugin.errors import DataError, UnsupportedSetupError
+from ssah_plugin.io.models import (
+    load_model,
+    max_positions,
+    model_device,
+    pad_id_of,
+    resolve_device,
+)
 
 __all__ = [
     "LocateConfig",
@@ -279,20 +299,13 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
-def pad_id_of(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 @torch.no_grad()
 def collect_stats(model: nn.Module, groups: Sequence[UnitGroup], encoded: Sequence[EncodedPair], *,
                   batch_size: int, pad_id: int, desc: str = "calibration", progress: bool = True) -> StatsCollector:
     """Run the decoder stack (no LM head) over ``encoded`` and return the filled collector."""
     root = unwrap_model(model)
     body = getattr(root, "base_model", root)  # the decoder without lm_head: its logits are never needed
-    device = _model_device(root)
+    device = model_device(root)
     was_training = root.training
     root.eval()
     collector = StatsCollector(root, groups)
@@ -305,13 +318,6 @@ def collect_stats(model: nn.Module, groups: Sequence[UnitGroup], encoded: Sequen
     finally:
         root.train(was_training)
     return collector
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 # ================================================================================================ scores
@@ -499,17 +505,6 @@ def _safety_pairs(model, tokenizer, source, cfg: LocateConfig, max_samples: int 
                         batch_size=cfg.batch_size, progress=cfg.progress)
 
 
-def max_positions(model: nn.Module) -> int | None:
-    cfg = getattr(unwrap_model(model), "config", None)
-    get = getattr(cfg, "get_text_config", None)
-    cfg = get() if callable(get) else cfg
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def prepare_data(model, tokenizer, safety, utility, cfg: LocateConfig,
                  max_pos: int | None) -> tuple[list[EncodedPair], list[EncodedPair], dict]:
     """Load, sample and tokenise both data sets; returns the encoded sets and counts for ``method``."""
@@ -604,13 +599,6 @@ def _layout_of(groups: Sequence[UnitGroup], module: str) -> str:
     return next(g.score_layout for g in groups if g.score_module == module)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT_SHIPPED_SAFETY,
                       utility=DEFAULT_SHIPPED_UTILITY, config: LocateConfig | None = None, task=None) -> Mask:
     """:func:`locate` on a saved model: a local folder, a hub name, or ``tiny:<family>`` (tests, demos).
@@ -619,7 +607,11 @@ def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT
     processed one decoder layer at a time (:func:`ssah_plugin.locate.layerwise.locate_layerwise`): same scores, memory of
     about one layer plus the calibration activations.
     """
-    from ssah_plugin.locate.layerwise import checkpoint_bytes, locate_layerwise, memory_available
+    from ssah_plugin.locate.layerwise import (
+        checkpoint_bytes,
+        locate_layerwise,
+        memory_available,
+    )
 
     cfg = config or LocateConfig()
     spec = str(path)
@@ -644,7 +636,6 @@ def locate_pretrained(path: str | os.PathLike, tokenizer=None, *, safety=DEFAULT
             raise UnsupportedSetupError(f"layer-by-layer locate needs a local folder with safetensors weights, got "
                                         f"{spec!r}; download the model first (huggingface-cli download ...)")
         return locate_layerwise(spec, tokenizer, safety=safety, utility=utility, config=cfg)
-    from ssah_plugin.evaluation.evaluate import load_model
 
     dtype = cfg.dtype or ("float32" if device.type == "cpu" else None)
     model, tok = load_model(spec, dtype=dtype, device=str(device))

@@ -50,6 +50,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.io.models import model_device
 
 __all__ = ["TokenwiseConstraint", "response_positions", "beta_schedule", "tokenwise_loss", "PAPER_BETAS",
            "PAPER_BETA_REST"]
@@ -264,7 +265,7 @@ class TokenwiseConstraint(TrainerCallback):
 
     def _capture_autocast(self, module, args):
         if self._captured is not None:
-            dev = _device_of(module).type
+            dev = model_device(module).type
             on = torch.is_autocast_enabled(dev)
             self._captured["autocast"] = (dev, on, torch.get_autocast_dtype(dev) if on else None)
         return None
@@ -312,7 +313,7 @@ class TokenwiseConstraint(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("ssah-plugin: token-wise constraint on, betas %s then %g, reference %s (%s, %s)",
                         self.betas, self.beta_rest, "copy" if self.copied else "given model",
-                        _device_of(self.reference), _dtype_of(self.reference))
+                        model_device(self.reference), _dtype_of(self.reference))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not bool(self._stats[[1, 3]].sum()):
@@ -364,7 +365,7 @@ class TokenwiseConstraint(TrainerCallback):
                     "(transformers.Trainer and TRL SFTTrainer accept compute_loss_func).")
 
     def _place_reference(self, model: nn.Module) -> None:
-        device = _device_of(model)
+        device = model_device(model)
         dtype = _dtype_of(model)
         ref_dtype = _dtype_of(self.reference)
         if dtype is not None and ref_dtype is not None and dtype != ref_dtype:
@@ -374,19 +375,13 @@ class TokenwiseConstraint(TrainerCallback):
                 for p in self.reference.parameters():
                     if p.is_floating_point():
                         p.data = p.data.to(dtype)
-        if _device_of(self.reference) != device:
+        if model_device(self.reference) != device:
             self.reference.to(device)
         self.reference.eval()
         self._placed = True
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _dtype_of(module: nn.Module) -> torch.dtype | None:
     """The dtype of the input embeddings (else the first floating parameter): what the forward computes in."""
     try:

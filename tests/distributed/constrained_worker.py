@@ -115,7 +115,7 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import Mask, SSAHCallback, TokenwiseConstraint, plan_frozen_slices
-    from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", seed=0)  # fp32; under DeepSpeed bf16 the engine casts it
     mask = Mask.from_units(model, FROZEN)

@@ -28,7 +28,7 @@ def run(scenario: str, out: Path) -> dict:
 
     from ssah_plugin import SSAHCallback, with_refusal_replay
     from ssah_plugin.data.rows import sft_examples
-    from ssah_plugin.testing.tiny import tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_tokenizer
 
     bf16 = scenario.endswith("bf16")
     model, mask, ref, full = w.build(torch.bfloat16 if bf16 else torch.float32)

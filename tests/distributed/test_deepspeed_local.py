@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from ssah_plugin import Mask, SSAHOptimizer, UnsupportedSetupError
+from ssah_plugin.core.plan import FrozenSlice
 from ssah_plugin.hosts.deepspeed import (
     _find_zero_optimizer,
     _flat_positions,
     _local,
     deepspeed_enforce,
 )
-from ssah_plugin.core.plan import FrozenSlice
-from ssah_plugin.testing.tiny import tiny_model
+from ssah_plugin.io.tiny import tiny_model
 
 
 @pytest.mark.parametrize("axis", [0, 1])

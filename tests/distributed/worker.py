@@ -78,7 +78,7 @@ def reset_hosts() -> None:
 # ---------------------------------------------------------------------------------------------- model, data, mask
 def build(dtype: torch.dtype):
     from ssah_plugin import Mask, plan_frozen_slices
-    from ssah_plugin.testing.tiny import tiny_model
+    from ssah_plugin.io.tiny import tiny_model
 
     model = tiny_model("llama", seed=0, dtype=dtype)
     mask = Mask.from_units(model, FROZEN)
@@ -224,7 +224,7 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import SSAHCallback
-    from ssah_plugin.testing.tiny import tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_tokenizer
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, mask, ref, full = build(dtype)

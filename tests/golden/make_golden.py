@@ -24,7 +24,7 @@ LIBRARY_VERSION = "0.1.0"  # written into the golden file, independent of the in
 def build_golden_mask():
     """The golden mask, built today from the tiny llama (deterministic)."""
     from ssah_plugin.core.mask import Mask
-    from ssah_plugin.testing.tiny import tiny_model
+    from ssah_plugin.io.tiny import tiny_model
 
     model = tiny_model("llama", seed=0)
     mask = Mask.from_units(model, FROZEN)
