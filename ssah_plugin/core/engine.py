@@ -28,7 +28,7 @@ from torch import nn
 
 from ssah_plugin.core.plan import FrozenSlice
 
-__all__ = ["FreezeEngine", "GradMode", "is_schedule_free"]
+__all__ = ["FreezeEngine", "GradMode", "is_schedule_free", "unwrap_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,19 @@ def _on(index: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
     if key not in cache:
         cache[key] = index.to(device)
     return cache[key]
+
+
+def unwrap_optimizer(optimizer: object) -> list:
+    """The chain of optimizers from the outermost wrapper inwards (accelerate, DeepSpeed, ours).
+
+    Follows the ``.optimizer`` attribute that every such wrapper exposes, stopping at a cycle or at ``None``.
+    """
+    chain, seen = [], set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
 
 
 #: optimizer state entries that hold a copy of the parameter (schedule-free's z, its reference variants' x / y)
@@ -126,8 +139,6 @@ class FreezeEngine:
         decay move ``z`` and the switch move the frozen values; so :meth:`after_step` writes the snapshot into those
         state entries too, and with ``p == z == base`` on frozen slices every ``lerp`` between them is exact.
         """
-        from ssah_plugin.hosts.enforce import unwrap_optimizer
-
         self._state_optimizers = [o for o in unwrap_optimizer(optimizer) if is_schedule_free(o)]
 
     # ------------------------------------------------------------------ lifecycle

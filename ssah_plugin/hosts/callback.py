@@ -34,7 +34,8 @@ from transformers.trainer_callback import ExportableState
 
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.errors import ResumeMismatchError
-from ssah_plugin.hosts.enforce import MaskLike, build_enforcer, load_mask
+from ssah_plugin.hosts.enforce import build_enforcer
+from ssah_plugin.hosts.setup import MaskLike, load_mask
 
 __all__ = ["SSAHCallback"]
 

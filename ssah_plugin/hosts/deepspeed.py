@@ -36,8 +36,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ssah_plugin.core.engine import is_schedule_free, unwrap_optimizer
 from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
 from ssah_plugin.errors import UnsupportedSetupError, require
+from ssah_plugin.hosts.setup import load_mask, run_base_check
 
 __all__ = ["DeepSpeedEnforcer", "build_deepspeed_enforcer", "deepspeed_enforce", "refuse_under_zero"]
 
@@ -118,8 +120,6 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def _find_zero_optimizer(optimizer) -> tuple[object | None, object]:
     """(DeepSpeed ZeRO/BF16 optimizer or None, the torch optimizer that really steps) from any wrapper chain."""
-    from ssah_plugin.hosts.enforce import unwrap_optimizer
-
     chain = unwrap_optimizer(optimizer)
     if not chain:
         raise UnsupportedSetupError(
@@ -380,9 +380,6 @@ def build_deepspeed_enforcer(mask, model: nn.Module, policy: str | None, optimiz
     or (for raw engines) ``engine.optimizer``. Must run on every rank (ZeRO-3 fingerprinting and the base-value check
     gather parameters; every rank computes the same answer, so a refusal is raised on every rank).
     """
-    from ssah_plugin.core.engine import is_schedule_free
-    from ssah_plugin.hosts.enforce import run_base_check
-
     zero_opt, torch_opt = _find_zero_optimizer(optimizer)
     _check_setup(zero_opt, model)
     if is_schedule_free(torch_opt):
@@ -414,8 +411,6 @@ def deepspeed_enforce(engine, mask, policy: str | None = None, *, check_fingerpr
         >>> enforcer = ssah_plugin.deepspeed_enforce(engine, "mask.safetensors")        # doctest: +SKIP
         >>> ...  # train as usual; enforcer.max_drift() == 0.0 on every rank
     """
-    from ssah_plugin.hosts.enforce import load_mask
-
     optimizer = getattr(engine, "optimizer", None)
     model = getattr(engine, "module", None)
     if model is None or optimizer is None:

@@ -1,58 +1,25 @@
-"""Set-up shared by every host: load and validate the mask, plan the slices, pick the engine for the host.
+"""Set-up shared by every host: validate the mask, plan the slices, pick the engine for the host.
 
 Everything that can be refused is refused here, before the first training step.
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import Protocol, Union
 
 import torch
 from torch import nn
 
-from ssah_plugin.core.engine import FreezeEngine, GradMode
+from ssah_plugin.core.engine import FreezeEngine, GradMode, unwrap_optimizer
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
+from ssah_plugin.hosts.peft import check_peft_setup
+from ssah_plugin.hosts.setup import Enforcer, MaskLike, load_mask, run_base_check
 
-__all__ = ["Enforcer", "MaskLike", "load_mask", "build_enforcer", "detect_host", "unwrap_optimizer"]
+__all__ = ["build_enforcer", "detect_host"]
 
 logger = logging.getLogger(__name__)
-
-MaskLike = Union[str, os.PathLike, Mask]
-
-
-class Enforcer(Protocol):
-    """What every host engine offers (plain PyTorch: :class:`~ssah_plugin.core.engine.FreezeEngine`)."""
-
-    slices: list
-
-    def attach(self) -> "Enforcer": ...
-    def after_step(self) -> None: ...
-    def detach(self) -> None: ...
-    def max_drift(self) -> float: ...
-    @property
-    def frozen_elements(self) -> int: ...
-
-
-def load_mask(mask: MaskLike) -> Mask:
-    """A :class:`Mask` from a path or an existing object (type errors name what was passed)."""
-    if isinstance(mask, Mask):
-        return mask
-    if isinstance(mask, (str, os.PathLike)):
-        return Mask.load(mask)
-    raise TypeError(f"mask must be a path to a mask file or an ssah_plugin.Mask, got {type(mask).__name__}")
-
-
-def unwrap_optimizer(optimizer) -> list:
-    """The chain of optimizers from the outermost wrapper inwards (accelerate, DeepSpeed, ours)."""
-    chain, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        chain.append(optimizer)
-        optimizer = getattr(optimizer, "optimizer", None)
-    return chain
 
 
 def _is_deepspeed(model: nn.Module | None, optimizer) -> bool:
@@ -104,15 +71,11 @@ def build_enforcer(
     of parameters that do not require gradients now (progressive unfreezing); PEFT's frozen base weights excepted.
     """
     mask = load_mask(mask)
-    from ssah_plugin.hosts.peft import check_peft_setup
-
     check_peft_setup(model)  # DoRA, PiSSA, prefix tuning, LoHa...: refused before any other check
     if check_values is None:
         check_values = check_fingerprint
     host = detect_host(model, optimizer)
     if host == "deepspeed":
-        from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
-
         return mask, build_deepspeed_enforcer(mask, model, policy, optimizer, check_fingerprint=check_fingerprint,
                                               check_values=check_values)
     mask.validate(model, check_fingerprint=check_fingerprint)
@@ -126,30 +89,3 @@ def build_enforcer(
         engine.bind_optimizer(optimizer)
     engine.base_check = report
     return mask, engine
-
-
-def run_base_check(mask: Mask, model: nn.Module, policy: str | None, *, check_values: bool, get_tensor=None):
-    """:func:`ssah_plugin.core.digest.check_base_values`, raising :class:`FrozenValuesError` when ``check_values``."""
-    from ssah_plugin.core.digest import check_base_values
-    from ssah_plugin.errors import FrozenValuesError
-
-    report = check_base_values(mask, model, policy, get_tensor=get_tensor)
-    if check_values and report.mismatched:
-        n_bad = sum(m[1] for m in report.mismatched)
-        first = report.mismatched[0]
-        peft = any(type(m).__module__.startswith("peft.") for m in model.modules())
-        causes = ("the model (or the checkpoint being resumed) was fine-tuned without this mask or with a narrower "
-                  "policy, some unit's weights were replaced, or the model is another one")
-        if peft:
-            causes += ("; with PEFT: an initialisation that rewrites the base weights (PiSSA, OLoRA, LoftQ, CorDA, "
-                       "EVA, ...) or merged adapters")
-        raise FrozenValuesError(
-            f"the values ssah-plugin is about to freeze are not the mask's base values: {n_bad} frozen unit slice(s) "
-            f"differ in {len(report.mismatched)} tensor(s) (first: {first[0]}, {first[1]} of {first[2]} frozen "
-            f"units). Cause: {causes}. Fix: start from the base model the mask was made from (or resume a checkpoint "
-            "trained with this mask and policy), or pass the mask made for these weights (ssah-plugin locate "
-            "--model ...); check_fingerprint=False skips this check if you really mean to freeze other values")
-    if check_values and not report.complete:
-        logger.info("ssah-plugin: base values not checked for %d frozen slice(s) (first: %s)",
-                    len(report.unchecked), report.unchecked[0] if report.unchecked else "-")
-    return report

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ssah_plugin.errors import UnsupportedSetupError
-from ssah_plugin.hosts.enforce import MaskLike, build_enforcer
+from ssah_plugin.hosts.enforce import build_enforcer
+from ssah_plugin.hosts.setup import MaskLike
 
 __all__ = ["SSAHOptimizer"]
 
