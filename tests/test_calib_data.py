@@ -120,18 +120,40 @@ def test_own_refusals(monkeypatch):
         locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
 
 
-def test_sft_examples_mask_prompt_and_drop_rows_without_response_tokens():
-    from ssah_plugin.data.rows import sft_examples
-    from ssah_plugin.evaluation.generation import chat_pair_ids
+def test_fit_pair_keeps_the_response_and_the_end_of_the_prompt():
+    from ssah_plugin.data.rows import fit_pair
+
+    p, r = list(range(10)), list(range(100, 104))
+    assert fit_pair(p, r, 14) == (p, r, False)  # fits: unchanged
+    assert fit_pair(p, r, 8) == (p[-4:], r, True)  # the prompt loses its start
+    assert fit_pair(p, r, 4) == (p[-1:], r[:3], True)  # the response alone is too long: cut at its end
+    assert fit_pair(p, r, 2) == (p[-1:], r[:1], True)
+    assert fit_pair([], r, 3) == ([], r[:2], True)
+    assert fit_pair(p, [], 3) == (p[-3:], [], True)
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_length"):
+            fit_pair(p, r, bad)
+
+
+def test_sft_examples_mask_prompt_and_cut_long_rows_by_the_one_rule():
+    from ssah_plugin.data.chat import chat_pair_ids
+    from ssah_plugin.data.rows import fit_pair, sft_examples
     from ssah_plugin.io.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    pairs = [("Add 2 and 3.", "The sum is 5."), ("x " * 200, "cut away")]
+    pairs = [("Add 2 and 3.", "The sum is 5."), ("x " * 200, "cut away"), ("y " * 200, "z " * 100)]
     p_ids, r_ids = chat_pair_ids(tok, *pairs[0])
-    rows = sft_examples(tok, pairs, max_length=64)
-    assert len(rows) == 1  # the second prompt fills all 64 tokens: no response token left
+    with pytest.warns(UserWarning, match="2 of 3 rows are longer than max_length=64") as caught:
+        rows = sft_examples(tok, pairs, max_length=64)
+    assert len([w for w in caught if "max_length" in str(w.message)]) == 1  # one warning per call
+    assert len(rows) == 3
     assert rows[0]["input_ids"] == p_ids + r_ids
     assert rows[0]["labels"] == [-100] * len(p_ids) + r_ids
     assert rows[0]["attention_mask"] == [1] * len(p_ids + r_ids)
-    kept = sft_examples(tok, pairs, max_length=64, drop_unlabelled=False)
-    assert len(kept) == 2 and len(kept[1]["input_ids"]) == 64 and set(kept[1]["labels"]) == {-100}
+    for row, pair in zip(rows[1:], pairs[1:]):
+        p, r, cut = fit_pair(*chat_pair_ids(tok, *pair), 64)
+        assert cut and len(row["input_ids"]) == 64 and row["input_ids"] == p + r
+        assert row["labels"] == [-100] * len(p) + r and r  # the response survives
+    p1, r1 = chat_pair_ids(tok, *pairs[1])
+    assert rows[1]["input_ids"][-len(r1):] == r1 and rows[1]["input_ids"][:-len(r1)] == p1[-(64 - len(r1)):]
+    assert sft_examples(tok, pairs, max_length=64, drop_unlabelled=False) == rows  # every row has a label

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ssah_plugin.evaluation.evaluate as ev
+from ssah_plugin.data.chat import chat_prompt
 from ssah_plugin.errors import DataError
-from ssah_plugin.evaluation.generation import chat_prompt
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.io.models import load_model
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer

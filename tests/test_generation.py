@@ -1,16 +1,11 @@
 """Greedy batched generation equals a manual greedy loop token for token; padding side and mode restored."""
 import pytest
-from oracles import greedy_from_ids
 
+from ssah_plugin.data.chat import chat_pair_ids, chat_prompt
 from ssah_plugin.errors import DataError
-from ssah_plugin.evaluation.generation import (
-    chat_pair_ids,
-    chat_prompt,
-    eos_token_ids,
-    generate,
-    generate_ids,
-)
+from ssah_plugin.evaluation.generation import eos_token_ids, generate, generate_ids
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
+from ssah_plugin.testing.oracles import greedy_from_ids
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem", "What is 2+2? Explain it in detail, please.", "Hi"]
 N_NEW = 12

@@ -20,18 +20,24 @@ Harmful text is never logged: errors and logs name rows by index and show at mos
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import json
 import logging
 import random
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from ssah_plugin.errors import DataError
+from ssah_plugin.data import shipped_data_path
+from ssah_plugin.data.chat import chat_pair_ids
+from ssah_plugin.errors import DataError, require
 
-__all__ = ["Pair", "EncodedPair", "load_rows", "pairs_from_rows", "prompts_from_rows", "load_pairs", "encode_pairs", "sft_examples",
-           "sample_rows", "text_id"]
+__all__ = ["Pair", "EncodedPair", "load_rows", "pairs_from_rows", "prompts_from_rows", "load_pairs", "encode_pairs",
+           "sft_examples", "fit_pair", "warn_truncated", "sample_rows", "text_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +58,6 @@ def _read_file(path: Path) -> list[dict]:
     suffix = suffix.lower()
     try:
         if suffix in (".jsonl", ".jsonl.gz"):
-            import gzip
-
             opener = gzip.open if suffix.endswith(".gz") else open
             rows = []
             with opener(path, "rt", encoding="utf-8") as f:
@@ -79,16 +83,12 @@ def _read_file(path: Path) -> list[dict]:
                 raise DataError(f"{path}: expected a JSON list of objects")
             return data
         if suffix in (".csv", ".tsv"):
-            import csv
-
             with open(path, encoding="utf-8", newline="") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".txt":  # one prompt per line
             with open(path, encoding="utf-8") as f:
                 return [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
         if suffix == ".parquet":
-            from ssah_plugin.errors import require
-
             pd = require("pandas", "data", "reading Parquet calibration data")
             require("pyarrow", "data", "reading Parquet calibration data")
             return pd.read_parquet(path).to_dict(orient="records")
@@ -108,8 +108,6 @@ def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) 
     else:
         text = str(source)
         if text.startswith("shipped:"):
-            from ssah_plugin.data import shipped_data_path
-
             try:
                 path = shipped_data_path(text[len("shipped:"):])
             except FileNotFoundError as exc:
@@ -135,8 +133,6 @@ def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) 
 
 def _load_hub_dataset(name: str, split: str | None) -> list[dict]:
     """Load a Hugging Face dataset (``org/name`` or ``org/name:split``); kept for users with network access."""
-    from ssah_plugin.errors import require
-
     datasets = require("datasets", "data", f"loading the dataset {name!r} from the Hugging Face hub")
     if ":" in name and split is None:
         name, split = name.rsplit(":", 1)
@@ -262,8 +258,6 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     tokens, more if the prompt is short) and the prompt keeps its end (the generation prompt). Without it, a conversation longer than
     ``max_positions`` (the model's maximum positions) raises :class:`DataError`.
     """
-    from ssah_plugin.evaluation.generation import chat_pair_ids
-
     if tokens not in ("response", "all"):
         raise ValueError(f"tokens must be 'response' or 'all', got {tokens!r}")
     out: list[EncodedPair] = []
@@ -294,21 +288,55 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     return out
 
 
+def fit_pair(prompt_ids: Sequence[int], response_ids: Sequence[int],
+             max_length: int) -> tuple[list[int], list[int], bool]:
+    """The one truncation rule for over-long rows (benign loss, SFT rows, locate): ``(prompt, response, truncated)``.
+
+    A pair of at most ``max_length`` tokens is returned unchanged. A longer one keeps its **response** and the
+    **end of its prompt**: the response is cut at its end only if it alone leaves no room for one prompt token
+    (it keeps at most ``max_length - 1`` tokens), and the prompt keeps its last ``max_length - len(response)``
+    tokens (the generation prompt, where the model starts answering, always survives). So every kept response
+    token still has the position before it, and the response tokens a loss or a statistic counts are the first
+    ones of the reply (where refusals live). ``max_length`` must be >= 2.
+
+    Callers count the ``truncated`` flags and warn once per call (:func:`warn_truncated`).
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    p, r = list(prompt_ids), list(response_ids)
+    if len(p) + len(r) <= max_length:
+        return p, r, False
+    r = r[: max_length - 1]
+    p = p[max(len(p) - (max_length - len(r)), 0):]
+    return p, r, True
+
+
+def warn_truncated(n_truncated: int, n_rows: int, max_length: int, where: str) -> None:
+    """One warning for a call that cut ``n_truncated`` of ``n_rows`` rows with :func:`fit_pair` (none for 0)."""
+    if n_truncated:
+        warnings.warn(f"{where}: {n_truncated} of {n_rows} rows are longer than max_length={max_length} tokens and "
+                      "were truncated (each keeps its response and the end of its prompt)", stacklevel=3)
+
+
 def sft_examples(tokenizer, pairs: Iterable[Pair], *, max_length: int,
                  drop_unlabelled: bool = True) -> list[dict[str, list[int]]]:
-    """Supervised fine-tuning rows: chat-formatted ``input_ids`` cut to ``max_length``, ``labels`` -100 on the prompt.
+    """Supervised fine-tuning rows: chat-formatted ``input_ids``, ``labels`` -100 on the prompt.
 
-    Rows whose response was cut away entirely carry no loss and are dropped unless ``drop_unlabelled=False``. Pad a
-    batch with ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``.
+    A conversation longer than ``max_length`` tokens is cut by :func:`fit_pair` (it keeps the response and the end
+    of the prompt; one warning per call counts such rows), so every row keeps its response tokens. A row without any
+    (a chat template that renders nothing after the generation prompt) carries no loss and is dropped unless
+    ``drop_unlabelled=False``. Pad a batch with
+    ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``.
     """
-    from ssah_plugin.evaluation.generation import chat_pair_ids
-
     rows = []
+    n, truncated = 0, 0
     for prompt, response in pairs:
-        p_ids, r_ids = chat_pair_ids(tokenizer, prompt, response)
-        ids = (p_ids + r_ids)[:max_length]
-        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
-        if drop_unlabelled and all(x == -100 for x in labels):
+        p_ids, r_ids, cut = fit_pair(*chat_pair_ids(tokenizer, prompt, response), max_length)
+        n += 1
+        truncated += cut
+        if drop_unlabelled and not r_ids:
             continue
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        ids = p_ids + r_ids
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p_ids) + r_ids})
+    warn_truncated(truncated, n, max_length, "sft_examples")
     return rows

@@ -20,13 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ssah_plugin.data.chat import Prompt, prompt_ids
 from ssah_plugin.errors import DataError
-from ssah_plugin.evaluation.generation import (
-    Prompt,
-    generate,
-    generate_from_ids,
-    prompt_ids,
-)
+from ssah_plugin.evaluation.generation import generate, generate_from_ids
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.evaluation.stats import rate_summary, wilson_interval
 

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ssah_plugin.data.chat import Prompt, prompt_ids
 from ssah_plugin.errors import DataError
-from ssah_plugin.evaluation.generation import Prompt, generate_ids, prompt_ids
+from ssah_plugin.evaluation.generation import generate_ids
 from ssah_plugin.evaluation.judge import DEFAULT_LIST, refusal_lists
 from ssah_plugin.io.models import model_device, pad_id_of
 

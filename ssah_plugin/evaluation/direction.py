@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ssah_plugin.data.chat import Prompt, prompt_ids
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.depth import forward_batches
-from ssah_plugin.evaluation.generation import Prompt, prompt_ids
 from ssah_plugin.io.models import pad_id_of
 
 __all__ = ["last_token_states", "refusal_direction", "direction_kept"]

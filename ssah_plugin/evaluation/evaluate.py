@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from ssah_plugin.data.rows import load_rows, pairs_from_rows, prompts_from_rows
+from ssah_plugin.data.chat import Prompt, chat_pair_ids
+from ssah_plugin.data.rows import fit_pair, load_rows, pairs_from_rows, prompts_from_rows, warn_truncated
 from ssah_plugin.errors import DataError, SSAHError
-from ssah_plugin.evaluation.generation import Prompt, chat_pair_ids, generate
+from ssah_plugin.evaluation.generation import generate
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.evaluation.stats import wilson_interval
 from ssah_plugin.io.models import load_model, max_positions
@@ -197,12 +198,7 @@ def _pair_ids(tokenizer, pair, system: str | None, max_length: int) -> tuple[lis
         (prompt, response), = pairs_from_rows([dict(pair)], where="benign data")
     else:
         prompt, response = pair
-    p, r = chat_pair_ids(tokenizer, prompt, response, system)
-    truncated = len(p) + len(r) > max_length
-    if truncated:  # keep the response (cut at the end if it alone is too long), then the prompt's end
-        r = r[: max_length - 1]
-        p = p[len(p) - (max_length - len(r)):]
-    return p, r, truncated
+    return fit_pair(*chat_pair_ids(tokenizer, prompt, response, system), max_length)
 
 
 @torch.no_grad()
@@ -239,9 +235,7 @@ def benign_loss(
     if not items:
         raise DataError("benign_loss needs at least one (prompt, response) pair")
     truncated = sum(t for _, _, t in items)
-    if truncated:
-        logger.warning("%d of %d benign pairs exceeded max_length=%d tokens and were truncated",
-                       truncated, len(items), max_length)
+    warn_truncated(truncated, len(items), max_length, "benign loss")
     order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][1])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

@@ -5,80 +5,22 @@ batch on the LEFT (so every prompt ends right before the first new token; the to
 restored afterwards), decodes greedily, stops at the end-of-sequence / end-of-turn token(s), and returns only the
 new text. Batched output equals unbatched output token for token (tested against a manual greedy loop).
 
-:func:`chat_prompt` and :func:`chat_pair_ids` are the shared formatting helpers (also used by the benign loss).
+:func:`ssah_plugin.data.chat.chat_prompt` formats the prompts (the same helper locate and the benign loss use).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from ssah_plugin.data.chat import Prompt, prompt_ids
 from ssah_plugin.errors import DataError
 from ssah_plugin.io.models import model_device
 
-__all__ = ["generate", "generate_ids", "generate_from_ids", "prompt_ids", "chat_prompt", "chat_pair_ids", "eos_token_ids", "Prompt"]
+__all__ = ["generate", "generate_ids", "generate_from_ids", "eos_token_ids"]
 
 logger = logging.getLogger(__name__)
-
-#: A prompt: the user's text, or a full list of chat messages ``[{"role": ..., "content": ...}, ...]``.
-Prompt = str | Sequence[dict[str, Any]]
-
-
-def _messages(prompt: Prompt, system: str | None) -> list[dict[str, Any]]:
-    if isinstance(prompt, str):
-        msgs = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
-        msgs = [dict(m) for m in prompt]
-    else:
-        raise DataError(f"a prompt must be a string or a list of chat messages (dicts), got {type(prompt).__name__}")
-    if system is not None and not (msgs and msgs[0].get("role") == "system"):
-        msgs.insert(0, {"role": "system", "content": system})
-    return msgs
-
-
-def chat_prompt(tokenizer, prompt: Prompt, system: str | None = None) -> str:
-    """The text the model sees before answering: the chat template with ``add_generation_prompt=True``.
-
-    Raises :class:`DataError` if the tokenizer has no chat template (a base model: evaluate a chat model, or set
-    ``tokenizer.chat_template``).
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"tokenizer {type(tokenizer).__name__} has no chat template, so prompts cannot be formatted the way the "
-            "model was aligned. Evaluate an instruct/chat model, or set tokenizer.chat_template before evaluating"
-        )
-    try:
-        return tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # jinja raises TemplateError for e.g. a system role the template rejects
-        hint = " (this chat template may not accept a system message; drop --system)" if system else ""
-        raise DataError(f"the chat template failed on a prompt: {type(exc).__name__}: {exc}{hint}") from None
-
-
-def chat_pair_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the formatted prompt and of the assistant turn that follows it.
-
-    The assistant turn is the text the chat template renders after the generation prompt for ``response``
-    (content plus end-of-turn marker), with trailing whitespace that the template appends after the turn removed.
-    Prompt and response are tokenised separately (no special tokens added), so the boundary is exact.
-    """
-    prompt_text = chat_prompt(tokenizer, prompt, system)
-    msgs = _messages(prompt, system) + [{"role": "assistant", "content": response}]
-    try:
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    except Exception as exc:
-        raise DataError(f"the chat template failed on a prompt/response pair: {type(exc).__name__}: {exc}") from None
-    if not full.startswith(prompt_text):
-        raise DataError(
-            "the chat template renders the conversation with a prefix different from the generation prompt, so the "
-            "response tokens cannot be separated from the prompt; use a template whose rendering of "
-            "[user, assistant] starts with its rendering of [user] + generation prompt"
-        )
-    resp_text = full[len(prompt_text):].rstrip()
-    p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(resp_text, add_special_tokens=False)["input_ids"]
-    return list(p_ids), list(r_ids)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -151,11 +93,6 @@ def generate_ids(
     encoded = [prompt_ids(tokenizer, p, system) for p in prompts]
     return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=progress, desc=desc)
-
-
-def prompt_ids(tokenizer, prompt: Prompt, system: str | None = None) -> list[int]:
-    """Token ids of :func:`chat_prompt` (no special tokens added: the template already holds them)."""
-    return list(tokenizer(chat_prompt(tokenizer, prompt, system), add_special_tokens=False)["input_ids"])
 
 
 @torch.no_grad()
