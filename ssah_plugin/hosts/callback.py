@@ -36,6 +36,7 @@ from ssah_plugin.core.mask import Mask
 from ssah_plugin.errors import ResumeMismatchError
 from ssah_plugin.hosts.enforce import build_enforcer
 from ssah_plugin.hosts.setup import MaskLike, load_mask
+from ssah_plugin.hosts.zero import zero_stage
 
 __all__ = ["SSAHCallback"]
 
@@ -97,7 +98,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
             from ssah_plugin.hosts.peft import check_peft_setup
 
             check_peft_setup(model)  # TRL wraps with peft_config before this hook: refuse DoRA etc. here
-            self.mask.validate(model, check_fingerprint=self.check_fingerprint and not _is_zero3(model))
+            self.mask.validate(model, check_fingerprint=self.check_fingerprint and zero_stage(model) != 3)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
@@ -254,10 +255,6 @@ class SSAHCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             logger.info("ssah-plugin: %d optimizer steps, %d units frozen (%.2f%%), max drift of frozen values %.3g",
                         self._steps, self.summary["frozen_units"], 100 * self.summary["frozen_fraction"], drift)
-
-
-def _is_zero3(model) -> bool:
-    return any(hasattr(p, "ds_tensor") for p in model.parameters())
 
 
 def _saved_record(state) -> dict | None:

@@ -16,6 +16,7 @@ from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
 from ssah_plugin.hosts.peft import check_peft_setup
 from ssah_plugin.hosts.setup import Enforcer, MaskLike, load_mask, run_base_check
+from ssah_plugin.hosts.zero import zero_stage
 
 __all__ = ["build_enforcer", "detect_host"]
 
@@ -26,7 +27,7 @@ def _is_deepspeed(model: nn.Module | None, optimizer) -> bool:
     names = [type(o).__module__ for o in unwrap_optimizer(optimizer)]
     if model is not None:
         names.append(type(model).__module__)
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if zero_stage(model) == 3:
             return True
     return any(n.startswith("deepspeed") for n in names)
 

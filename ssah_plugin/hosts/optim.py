@@ -25,6 +25,7 @@ from torch import nn
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.enforce import build_enforcer
 from ssah_plugin.hosts.setup import MaskLike
+from ssah_plugin.hosts.zero import zero_stage
 
 __all__ = ["SSAHOptimizer"]
 
@@ -45,7 +46,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
                  *, check_fingerprint: bool = True, grad_mode: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if zero_stage(model) == 3:
             raise UnsupportedSetupError(
                 "SSAHOptimizer cannot wrap an optimizer of a DeepSpeed model: ZeRO replaces the optimizer's parameters "
                 "with flat partitions. Call ssah_plugin.deepspeed_enforce(engine, mask) after deepspeed.initialize")
