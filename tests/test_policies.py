@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.core.classes import CLASS_CODES
+from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.policies import PolicyError, resolve_policy
 from ssah_plugin.core.units import SliceMap, UnitGroup
 

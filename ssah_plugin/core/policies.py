@@ -27,21 +27,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssah_plugin.errors import SSAHError
+from ssah_plugin.core.classes import CLASS_CODES
+from ssah_plugin.core.ranking import PolicyError, parse_fraction, top_k_global
+from ssah_plugin.core.selections import resolve_selection
 
 if TYPE_CHECKING:  # pragma: no cover
     from ssah_plugin.core.mask import Mask
 
-__all__ = ["resolve_policy", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z"]
+__all__ = ["resolve_policy", "PolicyError", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z"]
 
 SAFETY_Z = "safety_z"
 UTILITY_Z = "utility_z"
 POLICY_HELP = ("a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F', "
                "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F'")
-
-
-class PolicyError(SSAHError, ValueError):
-    """A policy name that this mask cannot serve."""
 
 
 def _need_classes(mask: "Mask", policy: str) -> list[torch.Tensor]:
@@ -60,44 +58,15 @@ def _need_score(mask: "Mask", kind: str, policy: str) -> list[torch.Tensor]:
     return mask.scores[kind]
 
 
-def _fraction(text: str, policy: str) -> float:
-    try:
-        f = float(text)
-    except ValueError:
-        raise PolicyError(f"policy {policy!r}: {text!r} is not a number") from None
-    if not 0.0 <= f <= 1.0:
-        raise PolicyError(f"policy {policy!r}: fraction {f} is outside [0, 1]")
-    return f
-
-
-def _top_k_global(values: list[torch.Tensor], eligible: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Mark the k highest ``values`` among ``eligible`` units across all groups (ties broken by position)."""
-    flat_v = torch.cat([v.double() for v in values])
-    flat_e = torch.cat(eligible)
-    out = torch.zeros_like(flat_e)
-    k = min(k, int(flat_e.sum()))
-    if k > 0:
-        cand = torch.nonzero(flat_e).squeeze(1)
-        order = torch.argsort(flat_v[cand], descending=True, stable=True)
-        out[cand[order[:k]]] = True
-    return list(torch.split(out, [v.numel() for v in values]))
-
-
 def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
     """Per-group boolean tensors (True = frozen) for ``policy``; raises :class:`PolicyError` if it cannot."""
-    from ssah_plugin.core.mask import CLASS_CODES
-
     if not isinstance(policy, str) or not policy:
         raise PolicyError(f"policy must be a non-empty string ({POLICY_HELP})")
     if policy in mask.stored:
         return [s.clone() for s in mask.stored[policy]]
     if policy == "none":
         return [torch.zeros(g.n_units, dtype=torch.bool) for g in mask.groups]
-    from ssah_plugin.core.selections import (
-        resolve_selection,  # decision / conflict units and unions with them
-    )
-
-    selected = resolve_selection(mask, policy, resolve_policy)
+    selected = resolve_selection(mask, policy, resolve_policy)  # decision / conflict units and unions with them
     if selected is not None:
         return selected
     scu, cu, ru = CLASS_CODES["SCU"], CLASS_CODES["CU"], CLASS_CODES["RU"]
@@ -109,15 +78,16 @@ def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
         return [c != ru for c in _need_classes(mask, policy)]
     m = re.fullmatch(r"scu\+cu(?::(.+)|(\d+(?:\.\d+)?))", policy)
     if m:
-        frac = _fraction(m.group(1), policy) if m.group(1) is not None else _fraction(str(float(m.group(2)) / 100), policy)
+        text = m.group(1) if m.group(1) is not None else str(float(m.group(2)) / 100)
+        frac = parse_fraction(text, policy)
         classes = _need_classes(mask, policy)
-        extra = _top_k_global(_need_score(mask, SAFETY_Z, policy), [c == cu for c in classes],
+        extra = top_k_global(_need_score(mask, SAFETY_Z, policy), [c == cu for c in classes],
                               int(round(frac * mask.n_units)))
         return [(c == scu) | e for c, e in zip(classes, extra)]
     m = re.fullmatch(r"safety-top:(.+)", policy)
     if m:
-        frac = _fraction(m.group(1), policy)
+        frac = parse_fraction(m.group(1), policy)
         s, u = _need_score(mask, SAFETY_Z, policy), _need_score(mask, UTILITY_Z, policy)
         diff = [a - b for a, b in zip(s, u)]
-        return _top_k_global(diff, [torch.ones_like(d, dtype=torch.bool) for d in diff], int(round(frac * mask.n_units)))
+        return top_k_global(diff, [torch.ones_like(d, dtype=torch.bool) for d in diff], int(round(frac * mask.n_units)))
     raise PolicyError(f"unknown policy {policy!r}; this mask stores {mask.policies}; computed policies: {POLICY_HELP}")

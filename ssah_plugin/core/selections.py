@@ -17,7 +17,8 @@ policy                   frozen units
 =======================  ==========================================================================================
 
 Rankings are global across unit groups, ties broken by position (group order, then unit index), sizes
-``round(F * n_units)``: exactly as the other computed policies of :mod:`ssah_plugin.core.policies`.
+``round(F * n_units)``: exactly as the other computed policies of :mod:`ssah_plugin.core.policies` (both use
+:mod:`ssah_plugin.core.ranking`).
 
 This module is pure bookkeeping on a :class:`~ssah_plugin.core.mask.Mask` (no model, no framework); it runs when a
 policy is resolved, i.e. at set-up of ``SSAHCallback`` / ``SSAHOptimizer``, never during training steps.
@@ -25,9 +26,11 @@ policy is resolved, i.e. at set-up of ``SSAHCallback`` / ``SSAHOptimizer``, neve
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from ssah_plugin.core.ranking import PolicyError, parse_fraction, top_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ssah_plugin.core.mask import Mask
@@ -53,36 +56,18 @@ _TERMS = {
 _TERM = r"(?:decision|conflict-cos|conflict)(?::[^+]*)?"
 
 
-def _error(msg: str) -> Exception:
-    from ssah_plugin.core.policies import PolicyError
-
-    return PolicyError(msg)
-
-
-def top_fraction(values: Sequence[torch.Tensor], fraction: float, *, sign: float = 1.0) -> list[torch.Tensor]:
-    """Per-group bool tensors marking the ``round(fraction * N)`` units with the highest ``sign * values`` across
-    all groups (ties broken by position)."""
-    from ssah_plugin.core.policies import _top_k_global
-
-    vals = [v.to(torch.float64) * sign for v in values]
-    n = sum(v.numel() for v in vals)
-    return _top_k_global(vals, [torch.ones(v.numel(), dtype=torch.bool) for v in vals], int(round(fraction * n)))
-
-
 def _term(mask: "Mask", term: str, policy: str) -> list[torch.Tensor]:
-    from ssah_plugin.core.policies import _fraction
-
     name, colon, frac = term.partition(":")
     kind, sign, option = _TERMS[name]
     if not colon and name in mask.stored:
         return [s.clone() for s in mask.stored[name]]
     if kind not in mask.scores:
-        raise _error(f"policy {policy!r} needs the {name} selection (scores {kind!r}), which this mask does not "
+        raise PolicyError(f"policy {policy!r} needs the {name} selection (scores {kind!r}), which this mask does not "
                      f"store (it has scores {list(mask.scores)}, stored sets {mask.policies}); re-create the mask "
                      f"with `ssah-plugin locate {option.split(' (')[0]}`")
     if not colon:
-        raise _error(f"policy {policy!r}: give the fraction of all units, e.g. '{name}:0.05'")
-    return top_fraction(mask.scores[kind], _fraction(frac, policy), sign=sign)
+        raise PolicyError(f"policy {policy!r}: give the fraction of all units, e.g. '{name}:0.05'")
+    return top_fraction(mask.scores[kind], parse_fraction(frac, policy), sign=sign)
 
 
 def resolve_selection(mask: "Mask", policy: str,
@@ -90,7 +75,7 @@ def resolve_selection(mask: "Mask", policy: str,
     """The frozen sets of a selection policy, or ``None`` if ``policy`` names no selection term.
 
     ``resolve`` resolves the other side of a union (``ssah_plugin.core.policies.resolve_policy``). Raises
-    :class:`~ssah_plugin.core.policies.PolicyError` for a bad fraction or a selection the mask does not hold.
+    :class:`~ssah_plugin.core.ranking.PolicyError` for a bad fraction or a selection the mask does not hold.
     """
     if re.fullmatch(_TERM, policy):
         return _term(mask, policy, policy)
