@@ -16,16 +16,13 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from ssah_plugin.core.mask import Mask  # noqa: E402
+from ssah_plugin.core.peft_layout import adapter_slices, saved_copies  # noqa: E402
 from ssah_plugin.core.plan import plan_frozen_slices  # noqa: E402
 from ssah_plugin.core.units import describe_units  # noqa: E402
 from ssah_plugin.errors import UnsupportedSetupError  # noqa: E402
 from ssah_plugin.hosts.enforce import build_enforcer  # noqa: E402
-from ssah_plugin.hosts.peft import (  # noqa: E402
-    adapter_slices,
-    compare_frozen_units,
-    merge_adapter_state,
-    saved_copies,
-)
+from ssah_plugin.hosts.peft import compare_frozen_units  # noqa: E402
+from ssah_plugin.io.adapters import merge_adapter_state  # noqa: E402
 from ssah_plugin.io.tiny import tiny_model  # noqa: E402
 
 FROZEN = [1, 5, 6]  # frozen units in every group (MLP neurons / attention channels)
@@ -298,7 +295,7 @@ def test_merge_adapter_state_refuses_dora_and_non_adapter(tmp_path):
 # ---------------------------------------------------------------------------------------------------- quantized base
 def _delta_is_zero_on_frozen(pm, mask):
     """Every LoRA layer's B @ A (what merging adds) is exactly zero on frozen units, and not zero elsewhere."""
-    from ssah_plugin.core.plan import find_module
+    from ssah_plugin.core.peft_layout import find_module
 
     root = pm.base_model.model
     moved = 0

@@ -2,77 +2,42 @@
 
 Resolution walks modules (never string surgery on parameter names), so it finds the right tensors inside DDP,
 DeepSpeed engines and PEFT wrappers. For PEFT tuner layers the base weight is frozen by PEFT itself; the adapter
-parameters that could change the frozen units are added instead (see :mod:`ssah_plugin.hosts.peft`).
+parameters that could change the frozen units are added instead (see :mod:`ssah_plugin.core.peft_layout`).
+
+Planning is framework-free: PEFT set-ups are checked by the hosts before they plan
+(:func:`ssah_plugin.hosts.peft.check_peft_setup`, called by ``SSAHCallback``, ``SSAHOptimizer`` and the DeepSpeed
+glue); planning itself refuses adapter layers that are not plain LoRA by their structure
+(:func:`ssah_plugin.core.peft_rules.check_lora_layer`).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ssah_plugin.core.frozen_slice import FrozenSlice
+from ssah_plugin.core.peft_layout import (
+    adapter_slices,
+    base_module,
+    find_module,
+    find_weight,
+    is_tuner_layer,
+    saved_copies,
+    saved_copy_slices,
+)
 from ssah_plugin.core.units import unwrap_model
+from ssah_plugin.errors import UnsupportedSetupError
 
 __all__ = ["FrozenSlice", "find_module", "find_weight", "plan_frozen_slices"]
 
 
-@dataclass
-class FrozenSlice:
-    """Indices ``index`` along ``axis`` of ``param`` that must never change.
-
-    ``fill`` is ``None`` to keep the values the parameter has when enforcement starts (snapshot), or a number the
-    slice must always equal (LoRA rows/columns kept at zero).
-    """
-
-    name: str
-    param: nn.Parameter
-    axis: int
-    index: torch.Tensor  # int64, sorted, unique, on the parameter's device
-    fill: float | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def numel(self) -> int:
-        shape = tuple(getattr(self.param, "ds_shape", None) or self.param.shape)
-        other = 1
-        for d, n in enumerate(shape):
-            if d != self.axis:
-                other *= n
-        return int(self.index.numel()) * other
-
-
-def find_module(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _is_tuner_layer(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "base_layer", None), nn.Module)
-
-
-def find_weight(root: nn.Module, module_path: str, pname: str) -> nn.Parameter | None:
-    """The parameter ``pname`` of the module at ``module_path`` (inside a PEFT tuner layer: of its base layer)."""
-    mod = find_module(root, module_path)
-    while mod is not None and _is_tuner_layer(mod):
-        mod = mod.base_layer
-    if mod is None:
-        return None
-    p = getattr(mod, pname, None)
-    return p if isinstance(p, torch.Tensor) else None
-
-
 def _refuse_parametrized(root: nn.Module, module_path: str, pname: str) -> None:
     """Refuse a unit-bearing weight computed by ``torch.nn.utils.parametrize`` (it is not a tensor we can restore)."""
-    from torch.nn.utils import parametrize
-
-    from ssah_plugin.errors import UnsupportedSetupError
-
     mod = find_module(root, module_path)
-    while mod is not None and _is_tuner_layer(mod):
-        mod = mod.base_layer
+    mod = base_module(mod) if mod is not None else None
     if mod is not None and parametrize.is_parametrized(mod, pname):
         raise UnsupportedSetupError(
             f"{module_path}.{pname} is parametrized (torch.nn.utils.parametrize: "
@@ -82,36 +47,63 @@ def _refuse_parametrized(root: nn.Module, module_path: str, pname: str) -> None:
             f"{pname!r}, leave_parametrized=True)), or train without it")
 
 
-def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> list[FrozenSlice]:
-    """Every frozen slice of ``model`` under ``policy``, one entry per (parameter, axis).
+@dataclass(frozen=True)
+class MergedIndices:
+    """The frozen indices along ``axis`` of one parameter, merged over every frozen unit (sorted, unique)."""
 
-    Indices of all frozen units that touch the same parameter are merged (sorted, unique), so the per-step work is
-    one vectorised ``index_copy_`` per parameter, whatever the number of units.
+    index: torch.Tensor  # int64
+    axis: int
+    role: str
+    shape: tuple[int, ...]  # the parameter's shape as recorded in the mask
+
+    @property
+    def numel(self) -> int:
+        """Weight elements these indices freeze (the count :attr:`FrozenSlice.numel` gives on the live model)."""
+        other = 1
+        for d, n in enumerate(self.shape):
+            if d != self.axis:
+                other *= n
+        return int(self.index.numel()) * other
+
+
+def merged_frozen_indices(mask, policy: str | None = None) -> dict[tuple[str, str, int], MergedIndices]:
+    """``(module, param, axis) -> MergedIndices`` for ``policy``, from the mask alone (no model needed).
+
+    The first step of :func:`plan_frozen_slices`; also what ``ssah-plugin inspect`` and the Hub model card count.
     """
-    from ssah_plugin.hosts.peft import check_peft_setup, saved_copies, saved_copy_slices
-
-    check_peft_setup(model)  # refuse DoRA, PiSSA, non-LoRA PEFT methods... before anything else
-    root = unwrap_model(model)
-    sets = mask.frozen(policy)
-    merged: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)
-    roles: dict[tuple[str, str, int], str] = {}
-    for g, frozen in zip(mask.groups, sets):
+    parts: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)
+    info: dict[tuple[str, str, int], tuple[str, tuple[int, ...]]] = {}
+    for g, frozen in zip(mask.groups, mask.frozen(policy)):
         if not bool(frozen.any()):
             continue
         for s in g.slices:
             key = (s.module, s.param, s.axis)
-            merged[key].append(s.index[frozen].reshape(-1))
-            roles[key] = s.role
+            parts[key].append(s.index[frozen].reshape(-1))
+            info[key] = (s.role, tuple(s.shape))
+    return {key: MergedIndices(torch.unique(torch.cat(p)), key[2], info[key][0], info[key][1])
+            for key, p in parts.items()}
+
+
+def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> list[FrozenSlice]:
+    """Every frozen slice of ``model`` under ``policy``, one entry per (parameter, axis).
+
+    Indices of all frozen units that touch the same parameter are merged (sorted, unique), so the per-step work is
+    one vectorised ``index_copy_`` per parameter, whatever the number of units. Runs at set-up (before the first
+    forward), never during training steps.
+    """
+    root = unwrap_model(model)
+    merged = merged_frozen_indices(mask, policy)
+    roles = {key: m.role for key, m in merged.items()}
     out: list[FrozenSlice] = []
     peft_layers: list[tuple[nn.Module, str, str, torch.Tensor]] = []
-    for (module_path, pname, axis), parts in merged.items():
-        idx = torch.unique(torch.cat(parts))
+    for (module_path, pname, axis), m in merged.items():
+        idx = m.index
         copies = saved_copies(root, module_path)  # PEFT modules_to_save: the original and every adapter's copy
         if copies is not None:
             out.extend(saved_copy_slices(copies, pname, axis, roles[(module_path, pname, axis)], idx))
             continue
         mod = find_module(root, module_path)
-        tuner = mod is not None and _is_tuner_layer(mod)
+        tuner = mod is not None and is_tuner_layer(mod)
         if tuner:
             peft_layers.append((mod, f"{module_path}.{pname}", roles[(module_path, pname, axis)], idx))
         _refuse_parametrized(root, module_path, pname)
@@ -120,9 +112,6 @@ def plan_frozen_slices(mask, model: nn.Module, policy: str | None = None) -> lis
             continue
         out.append(FrozenSlice(f"{module_path}.{pname}", param, axis, idx.to(param.device),
                                meta={"role": roles[(module_path, pname, axis)], "peft_base": tuner}))
-    if peft_layers:
-        from ssah_plugin.hosts.peft import adapter_slices
-
-        for mod, name, role, idx in peft_layers:
-            out.extend(adapter_slices(mod, name, role, idx))
+    for mod, name, role, idx in peft_layers:
+        out.extend(adapter_slices(mod, name, role, idx))
     return out

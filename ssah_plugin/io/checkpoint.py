@@ -1,9 +1,10 @@
 """Read model weights one tensor at a time, without loading a model (for ``ssah-plugin verify``).
 
 :class:`SafetensorsCheckpoint` opens a checkpoint written by ``save_pretrained`` (a folder with
-``model.safetensors``, or sharded with ``model.safetensors.index.json``) or a single ``.safetensors`` file. Tensors
-are memory-mapped by ``safetensors.safe_open`` and read only when asked for, so verifying a 70B checkpoint needs
-the memory of its largest tensor, not of the model.
+``model.safetensors``, or sharded with ``model.safetensors.index.json``) or a single ``.safetensors`` file, one
+:class:`~ssah_plugin.core.tensor_file.TensorFile` (the package's one safetensors reader) per shard. Tensors are
+memory-mapped and read only when asked for, so verifying a 70B checkpoint needs the memory of its largest tensor,
+not of the model.
 
 :class:`ModuleTensors` offers the same interface over an in-memory model (used for PEFT adapters, which are merged
 into their base first).
@@ -20,16 +21,15 @@ from typing import Protocol
 
 import torch
 
+from ssah_plugin.core.tensor_file import TensorFile
 from ssah_plugin.errors import DataError
+from ssah_plugin.io.adapters import is_adapter_dir, merge_adapter_state
 
 __all__ = ["TensorSource", "SafetensorsCheckpoint", "ModuleTensors", "open_checkpoint"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _PREFIXES = ("", "model.", "transformer.", "base_model.model.")
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
 
 
 class TensorSource(Protocol):
@@ -112,32 +112,16 @@ class SafetensorsCheckpoint:
                 raise DataError(f"{self.path} holds no safetensors weights ({_SINGLE} or {_INDEX}){hint}")
         else:
             raise DataError(f"checkpoint {str(self.path)!r} does not exist")
-        self._files = files
+        self._files: dict[object, TensorFile] = {fkey: TensorFile(p) for fkey, p in files.items()}
         self._keys: dict[str, object] = {}  # tensor name -> file key
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor name -> (shape, safetensors dtype code)
-        for fkey in files:
-            with self._open(fkey) as f:
-                for k in f.keys():
-                    self._keys[k] = fkey
-                    sl = f.get_slice(k)
-                    self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        for fkey, tf in self._files.items():
+            for k in tf.keys():
+                self._keys[k] = fkey
         if self._weight_map is not None:
             absent = [k for k in self._weight_map if k not in self._keys]
             if absent:
                 raise DataError(f"{self.path}: {len(absent)} tensor(s) listed in {_INDEX} are not in their shard "
                                 f"(first: {absent[0]}); the checkpoint is damaged")
-
-    def _open(self, fkey):
-        """A fresh ``safe_open`` handle. Handles are not cached: the file is memory-mapped, and pages read through
-        a handle stay resident (and count in the process's RSS) until it is closed, so each read opens and closes
-        its own (the header parse costs well under a millisecond)."""
-        from safetensors import safe_open
-
-        path = self._files[fkey]
-        try:
-            return safe_open(str(path), framework="pt")
-        except Exception as exc:  # safetensors raises several types for bad headers
-            raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
     # ------------------------------------------------------------------ interface
     def keys(self) -> list[str]:
@@ -147,25 +131,28 @@ class SafetensorsCheckpoint:
         """The stored name for a model parameter name, or None."""
         return _resolve(name, set(self._keys))
 
+    def _file(self, name: str) -> tuple[TensorFile, str]:
+        key = self._need(name)
+        return self._files[self._keys[key]], key
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[self._need(name)][0]
+        tf, key = self._file(name)
+        return tf.shape(key)
 
     def dtype(self, name: str) -> torch.dtype | str:
         """The stored dtype as a torch dtype (the safetensors code, e.g. ``"F8_E4M3"``, if torch has no match)."""
-        code = self._meta[self._need(name)][1]
-        return _ST_DTYPES.get(code, code)
+        tf, key = self._file(name)
+        return tf.dtype(key)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (only this tensor's bytes are touched)."""
-        key = self._need(name)
-        with self._open(self._keys[key]) as f:
-            return f.get_tensor(key)
+        tf, key = self._file(name)
+        return tf.get(key)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Read rows ``start:stop`` (first axis) of one tensor, touching only their bytes."""
-        key = self._need(name)
-        with self._open(self._keys[key]) as f:
-            return f.get_slice(key)[start:stop]
+        tf, key = self._file(name)
+        return tf.get_rows(key, start, stop)
 
     def model_type(self) -> str | None:
         cfg = self.config()
@@ -241,13 +228,11 @@ def open_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | None =
     """A tensor source for ``path``: a safetensors checkpoint, or a PEFT adapter folder merged into ``base``.
 
     Adapter folders (``adapter_config.json``) are merged with PEFT's ``merge_and_unload`` by
-    :func:`ssah_plugin.hosts.peft.merge_adapter_state` (this loads the base model into memory once).
+    :func:`ssah_plugin.io.adapters.merge_adapter_state` (this loads the base model into memory once).
     """
-    if Path(path, "adapter_config.json").is_file():
+    if is_adapter_dir(path):
         if base is None:
             raise DataError(f"{path} is a PEFT adapter folder; pass its base checkpoint too (--base)")
-        from ssah_plugin.hosts.peft import merge_adapter_state
-
         merged = merge_adapter_state(base, path)
         return ModuleTensors(merged, description=f"{path} (adapter merged into {base})")
     return SafetensorsCheckpoint(path)

@@ -102,7 +102,7 @@ def _load_adapter(path: Path, dtype):
     """A PEFT adapter folder: merged into the base named in its ``adapter_config.json`` (what users deploy)."""
     from transformers import AutoTokenizer
 
-    from ssah_plugin.hosts.peft import merge_adapter_state
+    from ssah_plugin.io.adapters import merge_adapter_state
 
     try:
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
