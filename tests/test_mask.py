@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ssah_plugin.core.mask import CLASS_NAMES, FORMAT_VERSION, Mask, payload_checksum
+from ssah_plugin.core.classes import CLASS_NAMES
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.mask_format import FORMAT_VERSION, payload_checksum
 from ssah_plugin.errors import MaskFormatError, MaskMismatchError, SSAHError
 from ssah_plugin.io.tiny import tiny_model
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ssah_plugin.core.classes import CLASS_CODES
+
 HELP = "show a mask: unit classes per layer and module type, frozen units per policy; optional PNG plot"
 EPILOG = """examples:
   ssah-plugin inspect mask.safetensors
@@ -23,8 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def report(mask, extra_policies=()) -> dict:
     """The inspect report as a JSON-able dict."""
-    from ssah_plugin.core.mask import CLASS_CODES
-
     out: dict = {
         "architecture": mask.architecture, "model_class": mask.model_class, "granularity": mask.granularity,
         "groups": len(mask.groups), "units": mask.n_units, "default_policy": mask.default_policy,

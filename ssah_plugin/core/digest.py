@@ -19,13 +19,16 @@ snapshot is taken, so the values held from then on are the base's.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DIGEST_DTYPES", "DIGEST_BYTES", "DIGEST_ALGORITHM", "unit_values", "unit_digests", "BaseCheck",
-           "check_base_values"]
+from ssah_plugin.core.peft_layout import find_weight
+from ssah_plugin.core.units import SliceMap, UnitGroup, unwrap_model
+
+__all__ = ["DIGEST_DTYPES", "DIGEST_BYTES", "DIGEST_ALGORITHM", "unit_values", "unit_digests", "record_digests",
+           "BaseCheck", "check_base_values"]
 
 #: dtype name (as stored in the mask file) -> torch dtype.
 DIGEST_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -66,6 +69,45 @@ def unit_digests(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         torch.zeros((0, DIGEST_BYTES), dtype=torch.uint8)
 
 
+def _readable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` detached, or ``None`` when its values cannot be read here (packed quantized, a ZeRO-3 placeholder,
+    the meta device)."""
+    if t is None or getattr(t, "quant_state", None) is not None or getattr(t, "ds_shape", None) is not None \
+            or t.device.type == "meta":
+        return None
+    return t.detach()
+
+
+def record_digests(groups: Sequence[UnitGroup], get: Callable[[SliceMap], torch.Tensor | None],
+                   dtypes: Iterable[str]) -> tuple[dict[str, list[list[torch.Tensor]]], list[str]]:
+    """The digests of every unit's base values, ``dtype name -> per group -> per slice``, and the unreadable tensors.
+
+    ``get(slice)`` returns the base tensor the slice indexes (``None`` when absent). Slices of one tensor are
+    adjacent in a mask, so one tensor is held in memory at a time. Used by
+    :meth:`ssah_plugin.core.mask.Mask.record_base`.
+    """
+    names = list(dtypes)
+    out: dict[str, list[list[torch.Tensor]]] = {d: [] for d in names}
+    problems: list[str] = []
+    cache: dict[str, torch.Tensor | None] = {}
+    for g in groups:
+        per: dict[str, list[torch.Tensor]] = {d: [] for d in names}
+        for s in g.slices:
+            if s.name not in cache:
+                cache.clear()
+                cache[s.name] = _readable(get(s))
+            t = cache[s.name]
+            if t is None or tuple(t.shape) != tuple(s.shape) or not t.is_floating_point():
+                problems.append(s.name)
+                continue
+            vals = unit_values(t, s.axis, s.index)
+            for d in names:
+                per[d].append(unit_digests(vals, DIGEST_DTYPES[d]))
+        for d in names:
+            out[d].append(per[d])
+    return out, problems
+
+
 class BaseCheck:
     """What :func:`check_base_values` found: checked slices, unchecked ones (and why), mismatches, a digest."""
 
@@ -95,9 +137,6 @@ def check_base_values(mask, model: nn.Module, policy: str | None = None, *,
     Also computes ``values_digest``, a fingerprint of exactly the frozen values (saved with checkpoints by
     :class:`~ssah_plugin.SSAHCallback`), whether or not the mask holds digests.
     """
-    from ssah_plugin.core.plan import find_weight
-    from ssah_plugin.core.units import unwrap_model
-
     root = unwrap_model(model)
     report = BaseCheck()
     total = hashlib.sha256()
