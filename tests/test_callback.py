@@ -11,21 +11,18 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.errors import MaskMismatchError, SSAHError
 from ssah_plugin.hosts.callback import SSAHCallback
 from ssah_plugin.io.tiny import TINY_FAMILIES, tiny_model
+from ssah_plugin.testing.data import lm_dataset as _dataset
+from ssah_plugin.testing.oracles import dense_frozen_masks as _dense_masks
+from ssah_plugin.testing.trainers import HandMaskedTrainer, HandRestore
 
 MAX_GRAD_NORM = 0.01
 
-
-
-def _dataset(n: int = 24, seq: int = 16) -> Dataset:
-    ids = torch.randint(3, 500, (n, seq), generator=torch.Generator().manual_seed(0)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def _units(model) -> dict[str, list[int]]:
@@ -37,18 +34,6 @@ def _units(model) -> dict[str, list[int]]:
     return out
 
 
-def _dense_masks(mask: Mask, model) -> dict[str, torch.Tensor]:
-    """Parameter name -> bool tensor, True on frozen elements (independent of resolve/freeze)."""
-    params = dict(model.named_parameters())
-    dense: dict[str, torch.Tensor] = {}
-    for g, frozen in zip(mask.groups, mask.frozen()):
-        for s in g.slices:
-            m = dense.setdefault(s.name, torch.zeros_like(params[s.name], dtype=torch.bool))
-            for u in torch.nonzero(frozen).squeeze(1).tolist():
-                m.index_fill_(s.axis, s.index[u], True)
-    return dense
-
-
 def _args(out, *, bf16=False, steps=5, **kw) -> TrainingArguments:
     base = dict(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=steps,
                 learning_rate=1e-2, weight_decay=0.1, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="linear",
@@ -56,31 +41,6 @@ def _args(out, *, bf16=False, steps=5, **kw) -> TrainingArguments:
                 disable_tqdm=True, dataloader_num_workers=0)
     base.update(kw)
     return TrainingArguments(**base)
-
-
-class HandMaskedTrainer(Trainer):
-    """Reference: zero frozen gradients by hand after every backward (so before clipping)."""
-
-    dense: dict[str, torch.Tensor] = {}
-
-    def training_step(self, model, inputs, *args, **kwargs):
-        loss = super().training_step(model, inputs, *args, **kwargs)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self.dense and p.grad is not None:
-                    p.grad.masked_fill_(self.dense[name], 0)
-        return loss
-
-
-class HandRestore(TrainerCallback):
-    def __init__(self, dense, base):
-        self.dense, self.base = dense, base
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self.dense:
-                    p.copy_(torch.where(self.dense[name], self.base[name], p))
 
 
 def _grad_norms(trainer) -> list[float]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from ssah_plugin import Mask, SSAHCallback, SSAHOptimizer
@@ -21,15 +20,13 @@ from ssah_plugin.errors import (
     UnsupportedSetupError,
 )
 from ssah_plugin.io.tiny import tiny_model
+from ssah_plugin.testing.data import lm_dataset as _dataset
+from ssah_plugin.testing.data import random_batches as _batches
+from ssah_plugin.testing.oracles import frozen_values as _frozen_values
 
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [5, 64], "model.layers.1.self_attn": [0, 63]}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _dataset(n: int = 24, seq: int = 16) -> Dataset:
-    ids = torch.randint(3, 500, (n, seq), generator=torch.Generator().manual_seed(0)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def _args(out, steps=4, **kw) -> TrainingArguments:
@@ -40,29 +37,11 @@ def _args(out, steps=4, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def _frozen_values(mask, model, policy=None) -> dict[str, torch.Tensor]:
-    """Frozen slices of every unit-bearing tensor (independent of the engine: read through the mask's indices)."""
-    params = dict(model.named_parameters())
-    out = {}
-    for g, frozen in zip(mask.groups, mask.frozen(policy)):
-        units = frozen.nonzero().reshape(-1)
-        for s in g.slices:
-            if units.numel() and s.name in params:
-                out[f"{g.name}/{s.name}"] = params[s.name].detach().index_select(
-                    s.axis, s.index[units].reshape(-1)).clone()
-    return out
-
-
 def _assert_exact(mask, base, model, where=""):
     want, got = _frozen_values(mask, base), _frozen_values(mask, model)
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k].to(want[k].dtype)), f"{where}: frozen values of {k} drifted"
-
-
-def _batches(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 500, (2, 16), generator=g) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------- 2. replaced unit

@@ -9,26 +9,12 @@ import torch
 from ssah_plugin import Mask, SSAHOptimizer
 from ssah_plugin.errors import MaskMismatchError, UnsupportedSetupError
 from ssah_plugin.io.tiny import tiny_model
+from ssah_plugin.testing.data import random_batches as _batches
+from ssah_plugin.testing.oracles import dense_frozen_masks as _dense
 
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [64], "model.layers.1.self_attn": [0, 63]}
 
-
-
-def _batches(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 500, (2, 16), generator=g) for _ in range(n)]
-
-
-def _dense(mask, model):
-    params = dict(model.named_parameters())
-    out = {}
-    for g, frozen in zip(mask.groups, mask.frozen()):
-        for s in g.slices:
-            m = out.setdefault(s.name, torch.zeros_like(params[s.name], dtype=torch.bool))
-            for u in torch.nonzero(frozen).squeeze(1).tolist():
-                m.index_fill_(s.axis, s.index[u], True)
-    return out
 
 
 def _loop(model, opt, sched, batches, *, scaler=None, inf_at=None, hand=None):

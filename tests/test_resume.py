@@ -12,20 +12,15 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from ssah_plugin import Mask, SSAHCallback
 from ssah_plugin.errors import FrozenValuesError, ResumeMismatchError
 from ssah_plugin.io.tiny import tiny_model
+from ssah_plugin.testing.data import lm_dataset as _dataset
 
 NARROW = {"model.layers.0.mlp": [0, 3], "model.layers.1.self_attn": [5]}
 WIDE_EXTRA = {"model.layers.1.mlp": [7, 8], "model.layers.0.self_attn": [2]}
-
-
-def _dataset(n: int = 24, seq: int = 16) -> Dataset:
-    ids = torch.randint(3, 500, (n, seq), generator=torch.Generator().manual_seed(0)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def _args(out, steps, **kw) -> TrainingArguments:
