@@ -1,4 +1,4 @@
-"""TokenwiseConstraint (Qi et al. 2024, Eq. 3) as compute_loss_func + callback in Trainer and TRL SFTTrainer.
+"""TokenwiseConstraint (Qi et al. 2024, Eq. 3) attached to Trainer and TRL SFTTrainer (``constraint.attach(trainer)``).
 
 The loss is checked against an independent float64 computation (each sequence run alone, unpadded); the Trainer runs
 check normalisation (accumulation 2 == one batch of 2), the beta schedule seen through real collators (TRL chat
@@ -15,10 +15,9 @@ import types
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ssah_plugin.core.mask import Mask
-from ssah_plugin.core.plan import plan_frozen_slices
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.callback import SSAHCallback
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
@@ -29,6 +28,10 @@ from ssah_plugin.recipes.constrained import (
     beta_schedule,
     response_positions,
 )
+from ssah_plugin.testing.data import pad_collate as _collate
+from ssah_plugin.testing.data import prompt_reply_rows as _rows
+from ssah_plugin.testing.oracles import frozen_values
+from ssah_plugin.testing.trainers import logged_losses as _losses
 
 LOG2 = math.log(2.0)
 UNITS = {"model.layers.0.mlp": [0, 9, 100], "model.layers.0.self_attn": [2, 40], "model.layers.1.mlp": [5],
@@ -63,17 +66,6 @@ def _hand_loss(policy, reference, rows, betas=PAPER_BETAS, beta_rest=PAPER_BETA_
                 n += 1
                 k += 1
     return total / (n if denom is None else denom)
-
-
-def _collate(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": [], "attention_mask": [], "labels": []}
-    for r in rows:
-        pad = width - len(r["input_ids"])
-        out["input_ids"].append(r["input_ids"] + [0] * pad)
-        out["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
-        out["labels"].append(r["labels"] + [-100] * pad)
-    return {k: torch.tensor(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- pure pieces
@@ -123,7 +115,7 @@ def test_loss_matches_hand_computation_with_padding(family):
 
 def test_gradient_is_paper_weighting_of_cross_entropy():
     """d loss_t / d log pi_theta = -2 (1 - sigmoid(beta_t * Delta_t)): the paper's Appendix D gradient."""
-    from ssah_plugin.recipes.constrained import tokenwise_loss
+    from ssah_plugin.recipes.tokenwise import tokenwise_loss
 
     lp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
     lr = torch.tensor([-1.5, -1.0, -4.0], dtype=torch.float64)
@@ -149,15 +141,6 @@ def test_reference_follows_an_engine_cast_of_parameters():
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
-def _rows(lengths: list[tuple[int, int]], seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for prompt, reply in lengths:
-        ids = torch.randint(3, 500, (prompt + reply,), generator=g).tolist()
-        data.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return Dataset.from_list(data)
-
-
 def _args(out, **kw) -> TrainingArguments:
     base = dict(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=1,
                 learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1e9, lr_scheduler_type="constant",
@@ -167,10 +150,6 @@ def _args(out, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def _losses(trainer) -> list[float]:
-    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
-
-
 def test_trainer_accumulation_equals_one_batch(tmp_path):
     """Reply lengths 3 and 12: accumulation 2 x batch 1 == one batch of 2 (a per-micro-batch mean would differ)."""
     ds = _rows([(4, 3), (2, 12)])
@@ -178,9 +157,9 @@ def test_trainer_accumulation_equals_one_batch(tmp_path):
     for name, bs, ga in (("one", 2, 1), ("acc", 1, 2)):
         model = tiny_model("llama", seed=0)
         c = TokenwiseConstraint(model)
-        t = Trainer(model=model, args=_args(tmp_path / name, per_device_train_batch_size=bs,
-                                            gradient_accumulation_steps=ga, optim="sgd"),
-                    train_dataset=ds, data_collator=_collate, compute_loss_func=c, callbacks=[c])
+        t = c.attach(Trainer(model=model, args=_args(tmp_path / name, per_device_train_batch_size=bs,
+                                                     gradient_accumulation_steps=ga, optim="sgd"),
+                             train_dataset=ds, data_collator=_collate))
         t.train()
         runs[name] = (model, _losses(t), c)
     (m1, l1, c1), (m2, l2, c2) = runs["one"], runs["acc"]
@@ -194,23 +173,19 @@ def test_trainer_accumulation_equals_one_batch(tmp_path):
     assert not torch.equal(m1.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
 
 
-def _frozen_values(model, mask):
-    return {s.name: s.param.detach().index_select(s.axis, s.index).clone() for s in plan_frozen_slices(mask, model)}
-
-
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_with_ssah_freezing_reference_untouched(tmp_path, bf16):
     model = tiny_model("llama", seed=0)
     mask = Mask.from_units(model, UNITS)
-    frozen_before = _frozen_values(model, mask)
+    frozen_before = frozen_values(mask, model)
     full_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     c = TokenwiseConstraint(model)
     ref_before = {n: p.detach().clone() for n, p in c.reference.named_parameters()}
     ds = _rows([(3, 9)] * 8)
     cb = SSAHCallback(mask)
-    t = Trainer(model=model, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, weight_decay=0.1,
-                                        max_grad_norm=0.05, bf16=bf16),
-                train_dataset=ds, data_collator=_collate, compute_loss_func=c, callbacks=[cb, c])
+    t = c.attach(Trainer(model=model, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=2,
+                                                 weight_decay=0.1, max_grad_norm=0.05, bf16=bf16),
+                         train_dataset=ds, data_collator=_collate, callbacks=[cb]))
     t.train()
     losses = _losses(t)
     # first step: policy == reference under the same autocast, so Delta is exactly 0 on every token
@@ -226,7 +201,7 @@ def test_with_ssah_freezing_reference_untouched(tmp_path, bf16):
     assert not c.reference.training
     # frozen units bit-exact, the rest trained
     assert cb.summary["max_drift"] == 0.0
-    for name, v in _frozen_values(model, mask).items():
+    for name, v in frozen_values(mask, model).items():
         assert torch.equal(v, frozen_before[name]), name
     w = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(model.get_parameter(w), full_before[w])
@@ -237,8 +212,8 @@ def test_eval_uses_the_constraint_too(tmp_path, family):
     model = tiny_model(family, seed=0)
     c = TokenwiseConstraint(model)
     ds = _rows([(3, 5), (3, 5)])
-    t = Trainer(model=model, args=_args(tmp_path), train_dataset=ds, eval_dataset=ds, data_collator=_collate,
-                compute_loss_func=c, callbacks=[c])
+    t = c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, eval_dataset=ds,
+                         data_collator=_collate))
     metrics = t.evaluate()  # before any train(): the reference is placed lazily
     assert metrics["eval_loss"] == pytest.approx(_init_loss([5]), rel=1e-6)
 
@@ -270,32 +245,30 @@ def _sft_args(out, **kw):
     return SFTConfig(**base)
 
 
-@pytest.mark.filterwarnings("ignore:`compute_loss_func` is deprecated:FutureWarning")
 def test_sft_trainer_with_freezing(tmp_path):
     from trl import SFTTrainer
 
     tok = tiny_tokenizer()
     model = tiny_model("llama", seed=0)
     mask = Mask.from_units(model, UNITS)
-    frozen_before = _frozen_values(model, mask)
+    frozen_before = frozen_values(mask, model)
     c = TokenwiseConstraint(model)
     ref_before = {n: p.detach().clone() for n, p in c.reference.named_parameters()}
     cb = SSAHCallback(mask)
-    t = SFTTrainer(model=model, args=_sft_args(tmp_path), train_dataset=_chat_rows(), processing_class=tok,
-                   compute_loss_func=c, callbacks=[cb, c])
+    t = c.attach(SFTTrainer(model=model, args=_sft_args(tmp_path), train_dataset=_chat_rows(),
+                            processing_class=tok, callbacks=[cb]))
     t.train()
     k = _reply_tokens(tok)
     assert _losses(t)[0] == pytest.approx(_init_loss([k]), rel=1e-6)
     assert c.calls == 6  # 3 steps x 2 micro-batches (TRL's second, no-grad metrics forward is not counted)
     for n, p in c.reference.named_parameters():
         assert torch.equal(p, ref_before[n]), n
-    for name, v in _frozen_values(model, mask).items():
+    for name, v in frozen_values(mask, model).items():
         assert torch.equal(v, frozen_before[name]), name
     assert cb.summary["max_drift"] == 0.0
     assert _losses(t)[-1] < _losses(t)[0]
 
 
-@pytest.mark.filterwarnings("ignore:`compute_loss_func` is deprecated:FutureWarning")
 def test_sft_trainer_lora_and_padding_free_packing(tmp_path):
     """LoRA (TRL wraps the model after the copy was made: B = 0, so Delta = 0 at first) and BFD packing: the
     positions restart at every packed sequence (else most tokens would get beta 0.1 and the loss would differ)."""
@@ -307,11 +280,10 @@ def test_sft_trainer_lora_and_padding_free_packing(tmp_path):
     c = TokenwiseConstraint(model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")
-    t = SFTTrainer(model=model, args=_sft_args(tmp_path, packing=True, packing_strategy="bfd", max_length=128,
-                                               per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                                               max_steps=2),
-                   train_dataset=_chat_rows(), processing_class=tok, compute_loss_func=c, callbacks=[c],
-                   peft_config=lora)
+    t = c.attach(SFTTrainer(model=model, args=_sft_args(tmp_path, packing=True, packing_strategy="bfd",
+                                                        max_length=128, per_device_train_batch_size=1,
+                                                        gradient_accumulation_steps=1, max_steps=2),
+                            train_dataset=_chat_rows(), processing_class=tok, peft_config=lora))
     batch = next(iter(t.get_train_dataloader()))
     assert "position_ids" in batch and int(batch["position_ids"].eq(0).sum()) > 1  # really packed
     t.train()
@@ -328,28 +300,91 @@ def test_setup_errors(tmp_path):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         TokenwiseConstraint("model")  # type: ignore[arg-type]
     c = TokenwiseConstraint(model)
-    with pytest.raises(UnsupportedSetupError, match="compute_loss_func=constraint"):  # callback only
-        Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate, callbacks=[c])
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        c.attach(model)
     with pytest.raises(UnsupportedSetupError, match="label_smoothing_factor"):
-        Trainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=ds,
-                data_collator=_collate, compute_loss_func=c, callbacks=[c])
+        c.attach(Trainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=ds,
+                         data_collator=_collate))
+    with pytest.raises(UnsupportedSetupError, match="already has a compute_loss_func"):
+        c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate,
+                         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum()))
+    c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
+    with pytest.raises(UnsupportedSetupError, match="another trainer"):
+        c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
     same = TokenwiseConstraint(model, copy=False)  # the trained model as its own reference
     with pytest.raises(UnsupportedSetupError, match="shares parameters"):
-        Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate,
-                compute_loss_func=same, callbacks=[same])
-    # loss only, no callback: refused at the first loss call, before any backward
-    model = tiny_model("llama", seed=0)  # `same` froze the first one (copy=False: it was declared the reference)
-    c2 = TokenwiseConstraint(model)
+        same.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
+
+
+@pytest.mark.parametrize("passed", ["loss-and-callback", "loss-only"])
+def test_without_attach_refused_before_any_weight_changes(tmp_path, passed):
+    """The pre-attach usage (compute_loss_func=constraint[, callbacks=[constraint]]) is refused at train() with the
+    fix, before any step: at on_train_begin when it is a callback, else at the first loss call (before backward)."""
+    model = tiny_model("llama", seed=0)
+    c = TokenwiseConstraint(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    t = Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate, compute_loss_func=c2)
-    with pytest.raises(UnsupportedSetupError, match="callbacks=\\[constraint\\]"):
+    extra = {"callbacks": [c]} if passed == "loss-and-callback" else {}
+    t = Trainer(model=model, args=_args(tmp_path), train_dataset=_rows([(3, 5)] * 4), data_collator=_collate,
+                compute_loss_func=c, **extra)
+    with pytest.raises(UnsupportedSetupError, match=r"constraint\.attach\(trainer\)"):
         t.train()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _OwnLoss(Trainer):
+    """A trainer whose compute_loss ignores compute_loss_func (as DPOTrainer's does)."""
+
+    fused = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused:
+            return model(**inputs, fused_lm_head=True).loss
+        return model(**inputs).loss
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["own-loss", "fused-head"])
+def test_trainer_ignoring_the_loss_is_refused_before_any_gradient(tmp_path, fused):
+    """The refusal fires in backward when the gradient reaches the logits (own loss), or before the forward (fused
+    head): no parameter gradient exists yet, so no optimizer (DeepSpeed's runs inside backward) can have stepped."""
+    model = tiny_model("llama", seed=0)
+    c = TokenwiseConstraint(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = c.attach(_OwnLoss(model=model, args=_args(tmp_path), train_dataset=_rows([(3, 5)] * 4),
+                          data_collator=_collate))
+    t.fused = fused
+    with pytest.raises(UnsupportedSetupError, match="did not come from TokenwiseConstraint"):
+        t.train()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class _Reporter(TrainerCallback):
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_metrics_reach_callbacks_that_report(tmp_path):
+    """attach() puts the constraint first, so a reporting callback (here one passed by the user, which runs after
+    the Trainer's own TensorBoard / W&B callbacks too) receives the tokenwise/* entries of the same record."""
+    model = tiny_model("llama", seed=0)
+    c = TokenwiseConstraint(model)
+    reporter = _Reporter()
+    t = c.attach(Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_rows([(3, 5)] * 4),
+                         data_collator=_collate, callbacks=[reporter]))
+    assert t.callback_handler.callbacks[0] is c and t.compute_loss_func is c
+    t.train()
+    first = next(r for r in reporter.seen if "loss" in r)
+    assert first["tokenwise/logratio_prefix"] == 0.0 and "tokenwise/logratio_rest" not in first  # 5-token replies
 
 
 def test_refuses_zero3_and_encoder_decoder():
     model = tiny_model("llama", seed=0)
-    next(model.parameters()).ds_tensor = torch.zeros(1)  # what a ZeRO-3 partitioned parameter carries
+    p = next(model.parameters())
+    p.ds_id, p.ds_tensor = 0, torch.zeros(1)  # what a ZeRO-3 partitioned parameter carries
     with pytest.raises(UnsupportedSetupError, match="ZeRO-3.*Fix: use ZeRO-2"):
         TokenwiseConstraint(model)
     enc_dec = torch.nn.Linear(2, 2)
@@ -358,7 +393,7 @@ def test_refuses_zero3_and_encoder_decoder():
         TokenwiseConstraint(enc_dec)
 
 
-@pytest.mark.filterwarnings("ignore:`compute_loss_func` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_refuses_wrapped_packing_and_dpo(tmp_path):
     from trl import DPOConfig, DPOTrainer, SFTTrainer
 
@@ -366,12 +401,12 @@ def test_refuses_wrapped_packing_and_dpo(tmp_path):
     model = tiny_model("llama", seed=0)
     c = TokenwiseConstraint(model)
     with pytest.raises(UnsupportedSetupError, match="packing_strategy='wrapped'.*Fix"):
-        SFTTrainer(model=model, args=_sft_args(tmp_path, packing=True, packing_strategy="wrapped",
-                                               assistant_only_loss=False),
-                   train_dataset=_chat_rows(), processing_class=tok, compute_loss_func=c, callbacks=[c])
+        c.attach(SFTTrainer(model=model, args=_sft_args(tmp_path, packing=True, packing_strategy="wrapped",
+                                                        assistant_only_loss=False),
+                            train_dataset=_chat_rows(), processing_class=tok))
     rows = [{"prompt": f"Question {i}?", "chosen": " Yes.", "rejected": " No."} for i in range(4)]
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1, report_to=[],
                      use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=32, save_strategy="no")
-    with pytest.raises(UnsupportedSetupError, match="not as its loss"):
-        DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
-                   processing_class=tok, callbacks=[c])
+    with pytest.raises(UnsupportedSetupError, match="loss_type.*Fix"):
+        c.attach(DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                            train_dataset=Dataset.from_list(rows), processing_class=tok))

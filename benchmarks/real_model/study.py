@@ -357,7 +357,7 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         ds: Any = Dataset.from_list(user_rows(args, tok, setting, seed))
         n_user = len(ds)
         callbacks: list = []
-        extra: dict[str, Any] = {}
+        constraint = None
         if spec.get("replay"):
             ds = with_refusal_replay(ds, args.root / need(args, "refusals")["path"], share=args.replay_share, seed=seed,
                                      tokenizer=tok, max_length=args.max_len)
@@ -367,8 +367,6 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
             from ssah_plugin.recipes.constrained import TokenwiseConstraint
 
             constraint = TokenwiseConstraint(model)  # frozen copy of the aligned model, Qi et al.'s betas
-            extra["compute_loss_func"] = constraint
-            callbacks.append(constraint)
         targs = TrainingArguments(
             output_dir=str(out / "trainer"), num_train_epochs=1, per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.accum, learning_rate=args.lr, lr_scheduler_type="cosine",
@@ -376,7 +374,9 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
             save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=callbacks,
-                          data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True), **extra)
+                          data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True))
+        if constraint is not None:
+            constraint.attach(trainer)  # the loss, and first in the callback list
         t0 = time.time()
         trainer.train()
         train_s = time.time() - t0

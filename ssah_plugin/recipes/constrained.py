@@ -1,35 +1,30 @@
-"""The token-wise constrained objective of Qi et al. 2024 (Eq. 3), inside the user's own Trainer.
+"""``TokenwiseConstraint``: the token-wise constrained objective of Qi et al. 2024 (Eq. 3) in the user's own Trainer.
 
-"Safety Alignment Should Be Made More Than Just a Few Tokens Deep" (Qi et al., ICLR 2025) replaces the fine-tuning
-cross-entropy by, for every response token ``t`` (``Delta_t = log pi_theta(y_t|x,y<t) - log pi_aligned(y_t|x,y<t)``)::
-
-    loss_t = (2 / beta_t) * softplus(-beta_t * Delta_t)  =  -(2 / beta_t) * log sigmoid(beta_t * Delta_t)
-
-The loss falls as ``log pi_theta`` rises, like cross-entropy (as ``beta_t -> 0`` it tends to ``-log pi_theta`` plus a
-constant), but it saturates once ``log pi_theta`` exceeds ``log pi_aligned`` by a few ``1/beta_t``: a large
-``beta_t`` caps how far the token's probability may move away from the aligned model. Defaults follow the paper:
-``beta = 0.5`` on the first response token, ``2.0`` on tokens 2-5, ``0.1`` after. The per-token losses are summed and
-divided by ``num_items_in_batch`` (the Trainer's own cross-entropy normalisation, so gradient accumulation and
-token averaging across ranks behave as for the default loss), or by the batch's own token count without it.
-
-One object is both pieces, so it is passed twice::
+The loss (:mod:`ssah_plugin.recipes.tokenwise`) compares each response token's log-probability under the model being
+trained with its log-probability under a frozen copy of the aligned model. One added line attaches it::
 
     constraint = TokenwiseConstraint(model)                # frozen copy of the aligned model, made now
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
-                         compute_loss_func=constraint,     # the loss
-                         callbacks=[constraint])           # the hook that feeds the reference model
+    trainer = constraint.attach(SFTTrainer(model=model, args=args, train_dataset=ds,
+                                           callbacks=[SSAHCallback("mask.safetensors")]))
 
-When each piece runs (transformers' training loop):
+``attach`` is the one link between the two objects: the constraint needs the trainer (to become its loss and to log
+before the reporting integrations) and no Trainer event hands a callback its trainer, so the trainer is given to it,
+as TRL's own trainer-aware callbacks take theirs. When each piece runs (transformers' training loop):
 
 * ``__init__``: copies the aligned model (``copy=True``), freezes the copy (``requires_grad=False``, eval mode).
-* ``on_init_end`` (end of ``Trainer.__init__``): checks the trainer (``compute_loss_func`` is this object, no label
-  smoothing, no sequence-crossing packing, no ZeRO-3) and registers a forward pre-hook on the training model.
+* ``attach(trainer)`` (after the trainer is built, before ``train()``): checks the set-up (no label smoothing, no
+  other loss type, no sequence-crossing packing, no ZeRO-3), sets ``trainer.compute_loss_func`` to this object,
+  puts it first in the trainer's callback list (so ``on_log`` runs before TensorBoard / W&B / ...), and registers
+  forward hooks on the training model.
 * ``on_train_begin`` (after ``accelerator.prepare``): checks again against the final model (DeepSpeed engine, PEFT
-  wrapper), moves the reference to the model's device and dtype, re-registers the hook if the model object changed.
-* every forward of the training model: the pre-hook records the call's inputs (``input_ids``, ``attention_mask``,
+  wrapper), moves the reference to the model's device and dtype, re-registers the hooks if the model object changed.
+* every forward of the training model: a pre-hook records the call's inputs (``input_ids``, ``attention_mask``,
   ``position_ids``, ...) and, from a pre-hook on the input embeddings, the autocast state the forward runs under.
 * ``compute_loss_func`` (right after that forward, before ``backward``): runs the reference model without gradient
   on the same inputs under the same autocast state, and returns the constrained loss.
+* during ``backward``: a hook on the training forward's logits refuses a loss that did not come from this object
+  (a trainer that ignores ``compute_loss_func``), before any parameter gradient exists, so before any step.
+* ``on_pre_optimizer_step`` (before ``optimizer.step()``): the same refusal for models that return no logits.
 * ``on_log``: adds ``tokenwise/logratio_prefix`` and ``tokenwise/logratio_rest`` (mean ``Delta_t`` over the first
   ``len(betas)`` response tokens and over the others since the last log), a forward-only drift signal.
 
@@ -41,77 +36,49 @@ from __future__ import annotations
 import copy as _copy
 import logging
 import math
-import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.io.models import model_device
+from ssah_plugin.recipes.constrained_setup import (
+    check_setup,
+    dtype_of,
+    place_reference,
+    refuse_encoder_decoder,
+    refuse_zero3,
+)
+from ssah_plugin.recipes.forward_record import ForwardRecorder, logits_of
+from ssah_plugin.recipes.tokenwise import (
+    PAPER_BETA_REST,
+    PAPER_BETAS,
+    beta_schedule,
+    response_positions,
+    target_logps,
+    tokenwise_loss,
+)
 
 __all__ = ["TokenwiseConstraint", "response_positions", "beta_schedule", "tokenwise_loss", "PAPER_BETAS",
            "PAPER_BETA_REST"]
 
 logger = logging.getLogger(__name__)
 
-#: Qi et al. 2024, Table 3 / Eq. 3: beta on response tokens 1..5 (then :data:`PAPER_BETA_REST`).
-PAPER_BETAS: tuple[float, ...] = (0.5, 2.0, 2.0, 2.0, 2.0)
-PAPER_BETA_REST: float = 0.1
-
-IGNORE_INDEX = -100
 # Forward kwargs that are about the training model's own loss or outputs, not about the inputs.
 _NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "use_cache",
                          "output_router_logits", "output_attentions", "output_hidden_states", "return_dict",
                          "logits_to_keep", "return_loss"})
+_USAGE = "constraint.attach(trainer) (it sets compute_loss_func and registers the hooks)"
+_NOT_ITS_LOSS = ("a training forward's loss did not come from TokenwiseConstraint: the trainer computes its own loss "
+                 "(it ignores compute_loss_func, e.g. DPOTrainer, or uses a fused loss head). Fix: use "
+                 "TokenwiseConstraint with transformers.Trainer or TRL SFTTrainer, attached with " + _USAGE + ".")
 
 
-# ---------------------------------------------------------------------------------------------- pure functions
-def response_positions(targets: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of each target token among the response tokens of its sequence; ``-1`` where ignored.
-
-    ``targets`` are the already shifted labels (``targets[:, i]`` is the token predicted from position ``i``);
-    ``IGNORE_INDEX`` marks prompt and padding. A row is one sequence, unless ``position_ids`` (aligned with
-    ``targets``, i.e. taken at the target's own position) restart at 0 inside it: then each restart begins a new
-    sequence (padding-free packing), and counting restarts too.
-    """
-    valid = targets.ne(IGNORE_INDEX)
-    counts = valid.long().cumsum(dim=-1) - valid.long()  # valid targets strictly before each position
-    if position_ids is not None:
-        start = position_ids.eq(0)
-        start[..., 0] = True
-        base = torch.where(start, counts, torch.zeros_like(counts)).cummax(dim=-1).values
-        counts = counts - base
-    return torch.where(valid, counts, torch.full_like(counts, -1))
-
-
-def beta_schedule(positions: torch.Tensor, betas: Sequence[float] = PAPER_BETAS,
-                  beta_rest: float = PAPER_BETA_REST) -> torch.Tensor:
-    """``beta_t`` for each response position (``positions >= 0``): ``betas[t]`` for ``t < len(betas)``, else
-    ``beta_rest``. Returned in float64 on ``positions.device``; ignored positions get ``beta_rest``."""
-    table = torch.tensor(list(betas) + [beta_rest], dtype=torch.float64, device=positions.device)
-    idx = positions.clamp(min=0, max=len(betas))
-    return table[idx]
-
-
-def tokenwise_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
-    """Eq. 3 per token: ``(2/beta) * softplus(-beta * (policy_logps - reference_logps))`` (same shape, float32+)."""
-    b = betas.to(policy_logps.dtype)
-    delta = policy_logps - reference_logps.detach()
-    return (2.0 / b) * F.softplus(-b * delta)
-
-
-def _target_logps(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[target]`` at the kept positions only (never the full ``[B, T, V]`` in float32)."""
-    picked = logits[keep].float()
-    return picked.log_softmax(dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------- the product object
 class TokenwiseConstraint(TrainerCallback):
-    """The token-wise constrained loss against the aligned model, as ``compute_loss_func`` plus a callback.
+    """The token-wise constrained loss against the aligned model, attached to a Trainer with :meth:`attach`.
 
     Args:
         aligned_model: the model as it is before fine-tuning (the one you are about to train). With ``copy=True``
@@ -125,15 +92,14 @@ class TokenwiseConstraint(TrainerCallback):
     Refused at set-up (:class:`~ssah_plugin.errors.UnsupportedSetupError`, with the fix in the message): DeepSpeed
     ZeRO-3 (the reference would need its own sharding); packing other than padding-free BFD (TRL
     ``packing_strategy="wrapped"`` / ``"bfd_split"`` cut sequences, so response positions are lost); label smoothing;
-    a trainer that does not use this object as its ``compute_loss_func``; an encoder-decoder model; a reference that
-    shares parameters with the trained model.
+    a trainer with another ``compute_loss_func`` or ``loss_type``; an encoder-decoder model; a reference that shares
+    parameters with the trained model; a ``train()`` without :meth:`attach`.
 
     Example:
         >>> from ssah_plugin import SSAHCallback, TokenwiseConstraint
-        >>> constraint = TokenwiseConstraint(model)                        # doctest: +SKIP
-        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds,  # doctest: +SKIP
-        ...                      compute_loss_func=constraint,
-        ...                      callbacks=[SSAHCallback("mask.safetensors"), constraint])
+        >>> constraint = TokenwiseConstraint(model)                                  # doctest: +SKIP
+        >>> trainer = constraint.attach(SFTTrainer(model=model, args=args, train_dataset=ds,  # doctest: +SKIP
+        ...                                        callbacks=[SSAHCallback("mask.safetensors")]))
     """
 
     def __init__(self, aligned_model: nn.Module, *, betas: Sequence[float] = PAPER_BETAS,
@@ -147,38 +113,70 @@ class TokenwiseConstraint(TrainerCallback):
             if not (math.isfinite(b) and b > 0):
                 raise ValueError(f"every beta must be a finite number > 0, got {b!r} "
                                  f"(betas={tuple(betas)!r}, beta_rest={beta_rest!r})")
-        _refuse_encoder_decoder(aligned_model)
-        _refuse_zero3(aligned_model, where="the aligned model")
-        if copy:
-            reference = _copy.deepcopy(aligned_model)
-        else:
-            reference = aligned_model
+        refuse_encoder_decoder(aligned_model)
+        refuse_zero3(aligned_model, where="the aligned model")
+        reference = _copy.deepcopy(aligned_model) if copy else aligned_model
         reference.requires_grad_(False)
         reference.eval()
         self.reference: nn.Module = reference
         self.copied = copy
-        self._model: nn.Module | None = None
-        self._handles: list = []
-        self._captured: dict | None = None
-        self._pending_grad = False
+        self._trainer: weakref.ref | None = None  # set by attach()
+        self._recorder = ForwardRecorder(_NOT_ITS_LOSS)  # hooks on the training model (set by attach)
         self._placed = False
         self.calls = 0  # compute_loss_func calls (train and eval)
         self._stats = torch.zeros(4, dtype=torch.float64)  # sum/count of Delta on prefix, sum/count on the rest
+
+    # ------------------------------------------------------------------ the link to the trainer
+    def attach(self, trainer):
+        """Make this object ``trainer``'s loss and first callback, check the set-up now, and return ``trainer``.
+
+        Call once, after building the trainer and before ``train()`` / ``evaluate()``. Sets
+        ``trainer.compute_loss_func`` (refused if the trainer already has another one), puts this callback at the
+        front of the trainer's callbacks with ``Trainer.pop_callback`` / ``add_callback`` (its ``on_log`` additions
+        then reach the reporting integrations; with ``SSAHCallback.add_to(trainer)`` too, the one called last runs
+        first, both ahead of the others), and registers the forward hooks on ``trainer.model``.
+        """
+        from transformers import Trainer
+
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"attach() takes a transformers.Trainer (or a TRL trainer), got {type(trainer).__name__}")
+        if self.trainer is not None and self.trainer is not trainer:
+            raise UnsupportedSetupError("this TokenwiseConstraint is attached to another trainer already. Fix: make "
+                                        "one TokenwiseConstraint per trainer.")
+        current = getattr(trainer, "compute_loss_func", None)
+        if current is not None and current is not self:
+            raise UnsupportedSetupError(
+                f"{type(trainer).__name__} already has a compute_loss_func ({current!r}); the token-wise constraint "
+                "is the loss. Fix: build the trainer without compute_loss_func, then constraint.attach(trainer).")
+        check_setup(trainer.args, trainer.model, self.reference, padding_free=getattr(trainer, "padding_free", None))
+        trainer.compute_loss_func = self
+        # first in the list, with transformers' public pop_callback / add_callback: the others go back in order
+        if not any(c is self for c in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        others = [c for c in trainer.callback_handler.callbacks if c is not self]
+        for cb in others:
+            trainer.pop_callback(cb)
+        for cb in others:
+            trainer.add_callback(cb)
+        self._trainer = weakref.ref(trainer)
+        self._attach(trainer.model)
+        return trainer
+
+    @property
+    def trainer(self):
+        """The trainer this constraint is attached to (``None`` before :meth:`attach`)."""
+        return self._trainer() if self._trainer is not None else None
 
     # ------------------------------------------------------------------ the loss (compute_loss_func)
     def __call__(self, outputs, labels: torch.Tensor | None, num_items_in_batch=None) -> torch.Tensor:
         """``compute_loss_func(outputs, labels, num_items_in_batch)``; runs after the training model's forward,
         before ``backward``."""
-        captured, self._captured = self._captured, None
-        self._pending_grad = False
+        captured = self._recorder.take()
         if captured is None:
             raise UnsupportedSetupError(
                 "TokenwiseConstraint was called as compute_loss_func, but no forward of the training model was "
-                "seen: its hook is not installed. Fix: also pass the same object as a callback, "
-                "Trainer(..., compute_loss_func=constraint, callbacks=[constraint]).")
-        logits = getattr(outputs, "logits", None)
-        if logits is None and isinstance(outputs, dict):
-            logits = outputs.get("logits")
+                f"recorded: its hooks are not installed. Fix: {_USAGE}, instead of compute_loss_func=constraint.")
+        logits = logits_of(outputs)
         if logits is None:
             raise UnsupportedSetupError(
                 "the training model returned no logits (a fused cross-entropy head, e.g. Liger's "
@@ -211,14 +209,14 @@ class TokenwiseConstraint(TrainerCallback):
         keep = positions.ge(0)
         pred_logits = logits if shift_labels is not None else logits[:, :-1]
 
-        if not self._placed and self._model is not None:  # e.g. trainer.evaluate() before any train()
-            self._place_reference(self._model)
+        if not self._placed and self._recorder.model is not None:  # e.g. trainer.evaluate() before any train()
+            self._place_reference(self._recorder.model)
         ref_logits = self._reference_logits(captured)
         ref_pred = ref_logits if shift_labels is not None else ref_logits[:, :-1]
         safe_targets = targets.clamp(min=0)
-        policy_lp = _target_logps(pred_logits, safe_targets, keep)
+        policy_lp = target_logps(pred_logits, safe_targets, keep)
         with torch.no_grad():
-            ref_lp = _target_logps(ref_pred.to(logits.device), safe_targets, keep)
+            ref_lp = target_logps(ref_pred.to(logits.device), safe_targets, keep)
         betas = beta_schedule(positions[keep], self.betas, self.beta_rest)
         per_token = tokenwise_loss(policy_lp, ref_lp, betas)
         if num_items_in_batch is None:
@@ -249,71 +247,41 @@ class TokenwiseConstraint(TrainerCallback):
                     out = self.reference(*captured["args"], **kwargs)
             else:
                 out = self.reference(*captured["args"], **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits
+        return out.logits if hasattr(out, "logits") else out[0]
 
     # ------------------------------------------------------------------ hooks on the training model
-    def _capture(self, module, args, kwargs):
-        if self._pending_grad and torch.is_grad_enabled() and module.training:
-            raise UnsupportedSetupError(
-                "two training forwards ran without the constrained loss in between: the trainer does not use "
-                "TokenwiseConstraint as its loss. Fix: pass compute_loss_func=constraint to Trainer / SFTTrainer "
-                "(trainers whose own compute_loss ignores compute_loss_func, e.g. DPOTrainer, are not supported).")
-        self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "autocast": None}
-        self._pending_grad = torch.is_grad_enabled() and module.training
-        return None
-
-    def _capture_autocast(self, module, args):
-        if self._captured is not None:
-            dev = model_device(module).type
-            on = torch.is_autocast_enabled(dev)
-            self._captured["autocast"] = (dev, on, torch.get_autocast_dtype(dev) if on else None)
-        return None
-
     def _attach(self, model: nn.Module) -> None:
-        if self._model is model and self._handles:
-            return
-        self._detach()
-        self._handles.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
-        emb = None
-        try:
-            emb = model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            pass
-        if isinstance(emb, nn.Module):
-            self._handles.append(emb.register_forward_pre_hook(self._capture_autocast))
-        self._model = model
-
-    def _detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._model = None
+        self._recorder.attach(model)
 
     def close(self) -> None:
         """Remove the hooks from the training model (the trainer can then no longer use this loss)."""
-        self._detach()
+        self._recorder.detach()
+
+    def _place_reference(self, model: nn.Module) -> None:
+        place_reference(self.reference, model)
+        self._placed = True
 
     # ------------------------------------------------------------------ callback events
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._check(args, model, _find_trainer(self))
-        if model is not None:
-            self._attach(model)
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trainer is None or getattr(self.trainer, "compute_loss_func", None) is not self:
+            raise UnsupportedSetupError(f"TokenwiseConstraint is not this trainer's loss. Fix: {_USAGE}, after "
+                                        "building the trainer and without passing compute_loss_func / callbacks.")
         if model is None:
             raise UnsupportedSetupError("TokenwiseConstraint needs the model in on_train_begin; use it with "
                                         "transformers.Trainer or a TRL trainer.")
-        self._check(args, model, _find_trainer(self))
+        check_setup(args, model, self.reference, padding_free=getattr(self.trainer, "padding_free", None))
         self._place_reference(model)
         self._attach(model)
-        self._captured, self._pending_grad = None, False  # nothing left over from an interrupted run
+        self._recorder.reset()  # nothing left over from an interrupted run
         self._stats.zero_()
-        _move_to_front(self, _find_trainer(self))
         if state.is_world_process_zero:
             logger.info("ssah-plugin: token-wise constraint on, betas %s then %g, reference %s (%s, %s)",
                         self.betas, self.beta_rest, "copy" if self.copied else "given model",
-                        model_device(self.reference), _dtype_of(self.reference))
+                        model_device(self.reference), dtype_of(self.reference))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._recorder.pending_grad:  # a training forward whose loss never reached __call__ (no logits)
+            raise UnsupportedSetupError(_NOT_ITS_LOSS)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not bool(self._stats[[1, 3]].sum()):
@@ -324,116 +292,7 @@ class TokenwiseConstraint(TrainerCallback):
             added["tokenwise/logratio_prefix"] = round(s[0] / s[1], 6)
         if s[3]:
             added["tokenwise/logratio_rest"] = round(s[2] / s[3], 6)
-        logs.update(added)
+        logs.update(added)  # the dict the reporting callbacks (after this one, see attach) receive next
         if state.log_history and state.log_history[-1] is not logs:
             state.log_history[-1].update(added)
         self._stats.zero_()
-
-    # ------------------------------------------------------------------ set-up checks
-    def _check(self, args, model, trainer) -> None:
-        _refuse_zero3(model, where="the training model", args=args)
-        if model is not None:
-            _refuse_encoder_decoder(model)
-            ref_ptrs = {p.data_ptr() for p in self.reference.parameters() if p.numel()}
-            if any(p.data_ptr() in ref_ptrs for p in model.parameters() if p.numel()):
-                raise UnsupportedSetupError(
-                    "the reference model shares parameters with the model being trained, so it would move with "
-                    "it. Fix: TokenwiseConstraint(model) (copy=True, the default) or copy=False with a separately "
-                    "loaded copy of the aligned weights.")
-        if args is not None and getattr(args, "label_smoothing_factor", 0) not in (0, 0.0, None):
-            raise UnsupportedSetupError(
-                f"label_smoothing_factor={args.label_smoothing_factor}: the Trainer does not apply label smoothing "
-                "when a compute_loss_func is given, so it would be silently dropped. Fix: set "
-                "label_smoothing_factor=0 with TokenwiseConstraint.")
-        if args is not None and getattr(args, "packing", False):
-            strategy = getattr(args, "packing_strategy", "bfd")
-            padding_free = getattr(trainer, "padding_free", None) if trainer is not None else None
-            if padding_free is None:
-                padding_free = bool(getattr(args, "padding_free", False)) or strategy in ("bfd", "bfd_split")
-            # "wrapped" / "bfd_split" cut long sequences: position_ids restart mid-sequence even when padding-free
-            if strategy != "bfd" or not padding_free:
-                raise UnsupportedSetupError(
-                    f"packing (packing_strategy={strategy!r}) joins or cuts sequences without position_ids that "
-                    "restart exactly at each sequence, so the response-token positions that set beta_t cannot be "
-                    "recovered. Fix: packing_strategy='bfd' (padding-free, position_ids restart per sequence), or "
-                    "packing=False.")
-        if trainer is not None:
-            if getattr(trainer, "compute_loss_func", None) is not self:
-                raise UnsupportedSetupError(
-                    f"{type(trainer).__name__} was given TokenwiseConstraint as a callback but not as its loss. "
-                    "Fix: pass the same object twice, compute_loss_func=constraint and callbacks=[constraint] "
-                    "(transformers.Trainer and TRL SFTTrainer accept compute_loss_func).")
-
-    def _place_reference(self, model: nn.Module) -> None:
-        device = model_device(model)
-        dtype = _dtype_of(model)
-        ref_dtype = _dtype_of(self.reference)
-        if dtype is not None and ref_dtype is not None and dtype != ref_dtype:
-            # DeepSpeed bf16/fp16 casts the training model's parameters (not its buffers, e.g. rotary inv_freq stays
-            # float32) and not our copy: the reference follows, parameters only, so both forwards compute alike
-            with torch.no_grad():
-                for p in self.reference.parameters():
-                    if p.is_floating_point():
-                        p.data = p.data.to(dtype)
-        if model_device(self.reference) != device:
-            self.reference.to(device)
-        self.reference.eval()
-        self._placed = True
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _dtype_of(module: nn.Module) -> torch.dtype | None:
-    """The dtype of the input embeddings (else the first floating parameter): what the forward computes in."""
-    try:
-        emb = module.get_input_embeddings()
-        w = getattr(emb, "weight", None)
-        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.numel():
-            return w.dtype
-    except (AttributeError, NotImplementedError):
-        pass
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _refuse_encoder_decoder(model: nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise UnsupportedSetupError(
-            f"{type(model).__name__} is an encoder-decoder model; the token-wise constraint is implemented for "
-            "causal language models (labels shifted by one). Fix: use a decoder-only chat model.")
-
-
-def _refuse_zero3(model: nn.Module | None, *, where: str, args=None) -> None:
-    zero3 = model is not None and any(hasattr(p, "ds_tensor") for p in model.parameters())
-    if not zero3 and args is not None and getattr(args, "deepspeed", None):
-        cfg = getattr(args, "hf_deepspeed_config", None)
-        zero3 = bool(cfg is not None and hasattr(cfg, "is_zero3") and cfg.is_zero3())
-    if zero3:
-        raise UnsupportedSetupError(
-            f"DeepSpeed ZeRO-3 is on ({where}): the reference model of the token-wise constraint would need ZeRO-3 "
-            "sharding of its own, which is not implemented (a full copy per rank defeats ZeRO-3). Fix: use ZeRO-2 "
-            "or ZeRO-1 (integrations/deepspeed/zero2.json), where the reference is one more full copy per rank.")
-
-
-def _move_to_front(callback, trainer) -> None:
-    """Run ``on_log`` before the reporting callbacks (TensorBoard, W&B, ...) so they receive our metrics."""
-    cbs = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
-    if isinstance(cbs, list) and callback in cbs and cbs[0] is not callback:
-        cbs.remove(callback)
-        cbs.insert(0, callback)
-
-
-def _find_trainer(callback) -> object | None:
-    """The Trainer whose callback handler is running this event (found on the call stack), or None."""
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return None
-        obj = frame.f_locals.get("self")
-        handler = getattr(obj, "callback_handler", None)
-        if handler is not None and callback in getattr(handler, "callbacks", ()):
-            return obj
-        frame = frame.f_back
-    return None

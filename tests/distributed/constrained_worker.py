@@ -134,8 +134,7 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
     if host == "trainer":
         args = TrainingArguments(**common)
         _ = args.device
-        trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), compute_loss_func=constraint,
-                          callbacks=[cb, constraint])
+        trainer = constraint.attach(Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[cb]))
         n_reply = LENGTH - PROMPT
     else:
         from trl import SFTConfig, SFTTrainer
@@ -143,8 +142,8 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
         tok = tiny_tokenizer()
         args = SFTConfig(**common, gradient_checkpointing=False, max_length=64, assistant_only_loss=True)
         _ = args.device
-        trainer = SFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tok,
-                             compute_loss_func=constraint, callbacks=[cb, constraint])
+        trainer = constraint.attach(SFTTrainer(model=model, args=args, train_dataset=chat_dataset(),
+                                               processing_class=tok, callbacks=[cb]))
         n_reply = len(tok(REPLY, add_special_tokens=False)["input_ids"]) + 1  # the reply and its <|im_end|>
     trainer.train()
     trained = trainer.model
