@@ -6,9 +6,9 @@ import logging
 import pytest
 
 import ssah_plugin.evaluation.attacks as at
-from ssah_plugin.errors import DataError
 from ssah_plugin.data.chat import chat_prompt
-from ssah_plugin.evaluation.generation import eos_token_ids
+from ssah_plugin.errors import DataError
+from ssah_plugin.evaluation.generation import eos_token_ids, generate
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.testing.oracles import greedy_from_ids
 
@@ -56,8 +56,6 @@ def test_prefill_continuation_starts_after_the_k_tokens(model_tok):
         lo, hi = per["wilson95"]
         assert 0.0 <= lo <= per["asr"] <= hi <= 1.0
     # K = 0 is the plain attack: the same greedy reply as generate()
-    from ssah_plugin.evaluation.generation import generate
-
     assert res["per_k"]["0"]["continuations"] == generate(model, tok, PROMPTS, max_new_tokens=6, progress=False)
     batch1 = at.prefill_attack(model, tok, PROMPTS, TARGETS, ks=(2,), max_new_tokens=6, batch_size=1,
                                judge=judge, progress=False)

@@ -6,14 +6,13 @@ three checkpoints side by side.
 import json
 
 import pytest
+import transformers
 
 from ssah_plugin.cli import main
+from ssah_plugin.data.eval_sets import load_benign
 from ssah_plugin.data.rows import sft_examples
-from ssah_plugin.evaluation.evaluate import load_benign
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
-
-locate_mod = pytest.importorskip("ssah_plugin.locate.runner")
-transformers = pytest.importorskip("transformers")
+from ssah_plugin.locate import LocateConfig, locate
 
 SHARD = "100KB"
 
@@ -43,8 +42,8 @@ def pipeline(tmp_path_factory):
     base = tiny_model("llama")
     base.save_pretrained(root / "base", max_shard_size=SHARD)
     tok.save_pretrained(root / "base")
-    cfg = locate_mod.LocateConfig(max_samples=8, batch_size=4, max_length=128, progress=False)
-    mask = locate_mod.locate(base, tok, config=cfg)
+    cfg = LocateConfig(max_samples=8, batch_size=4, max_length=128, progress=False)
+    mask = locate(base, tok, config=cfg)
     mask.save(root / "mask.safetensors")
     fine_tune(tiny_model("llama"), tok, root / "frozen", [SSAHCallback(str(root / "mask.safetensors"))])
     fine_tune(tiny_model("llama"), tok, root / "plain", [])

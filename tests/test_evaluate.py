@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import ssah_plugin.evaluation.evaluate as ev
-from ssah_plugin.data.chat import chat_prompt
+import ssah_plugin.evaluation.metrics as metrics
+from ssah_plugin.data.chat import chat_pair_ids, chat_prompt
+from ssah_plugin.data.eval_sets import load_benign, load_harmful
+from ssah_plugin.data.rows import fit_pair
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.judge import RefusalJudge
 from ssah_plugin.io.models import load_model
@@ -42,42 +45,91 @@ def test_benign_loss_equals_manual_computation(model_tok):
     model, tok = model_tok
     expected, count = manual_loss(model, tok, PAIRS)
     for bs in (1, 2, 8):  # right padding in batches must not change the result
-        got = ev.benign_loss(model, tok, PAIRS, batch_size=bs, progress=False)
+        got = metrics.benign_loss(model, tok, PAIRS, batch_size=bs, progress=False)
         assert got["tokens"] == count and got["n"] == 3 and got["truncated"] == 0
         assert got["loss"] == pytest.approx(expected, rel=1e-5)
         assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     as_dicts = [{"prompt": p, "response": r} for p, r in PAIRS]
-    assert ev.benign_loss(model, tok, as_dicts, progress=False)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics.benign_loss(model, tok, as_dicts, progress=False)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_benign_loss_truncation_keeps_response(model_tok):
     model, tok = model_tok
     long_prompt = "Please read all of this carefully. " * 4
-    got = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], max_length=16, progress=False)
-    full = ev.benign_loss(model, tok, [(long_prompt, "Yes.")], progress=False)
-    assert got["truncated"] == 1 and full["truncated"] == 0
+    limit = sum(map(len, chat_pair_ids(tok, "Hi", "Yes."))) + 2  # the short pair fits, the long ones do not
+    with pytest.warns(UserWarning, match=f"benign loss: 2 of 3 rows are longer than max_length={limit}") as caught:
+        got = metrics.benign_loss(model, tok, [(long_prompt, "Yes.")] * 2 + [("Hi", "Yes.")], max_length=limit,
+                                  progress=False)
+    assert len([w for w in caught if "max_length" in str(w.message)]) == 1  # one warning per call
+    full = metrics.benign_loss(model, tok, [(long_prompt, "Yes.")] * 2 + [("Hi", "Yes.")], progress=False)
+    assert got["truncated"] == 2 and full["truncated"] == 0
     assert got["tokens"] == full["tokens"]  # response kept whole
+    # the cut rows are exactly fit_pair's: the loss equals the manual loss on the kept tokens
+    p, r, cut = fit_pair(*chat_pair_ids(tok, long_prompt, "Yes."), limit)
+    assert cut and len(p) + len(r) == limit
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].double(), dim=-1)
+    nll = -sum(float(logp[len(p) + k - 1, t]) for k, t in enumerate(r)) / len(r)
+    alone = metrics.benign_loss(model, tok, [(long_prompt, "Yes.")], max_length=limit, progress=False)
+    assert alone["loss"] == pytest.approx(nll, rel=1e-5)
     with pytest.raises(ValueError):
-        ev.benign_loss(model, tok, PAIRS, max_length=1)
+        metrics.benign_loss(model, tok, PAIRS, max_length=1)
     with pytest.raises(DataError):
-        ev.benign_loss(model, tok, [], progress=False)
+        metrics.benign_loss(model, tok, [], progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_benign_loss_chunks_equal_the_full_logits_loss(family):
+    """The chunked loss (hidden states through the LM head, a few positions at a time) equals the loss of the
+    model's own full logits; Gemma-2 soft-caps its logits, so it takes the model-logits path (still chunked)."""
+    model, tok = tiny_model(family).eval(), tiny_tokenizer()  # eval: GPT-2's dropout would perturb the reference
+    expected, count = manual_loss(model, tok, PAIRS)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    try:
+        for chunk in (1, 5, 1024):
+            got = metrics.benign_loss(model, tok, PAIRS, batch_size=2, chunk_size=chunk, progress=False)
+            assert got["tokens"] == count and got["loss"] == pytest.approx(expected, rel=1e-5)
+    finally:
+        handle.remove()
+    if family == "gemma2":
+        assert metrics._head_path(model) is None and set(seen) == {None}  # its own (soft-capped) logits
+    else:
+        assert metrics._head_path(model) is not None
+        assert set(seen) == {1}  # the model never built [batch, length, vocab] logits
+    with pytest.raises(ValueError, match="chunk_size"):
+        metrics.benign_loss(model, tok, PAIRS, chunk_size=0)
+
+
+def test_benign_loss_falls_back_when_the_head_does_not_reproduce_the_logits(model_tok, monkeypatch):
+    model, tok = model_tok
+    expected, _ = manual_loss(model, tok, PAIRS)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(2, 3, head.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert metrics._head_matches(head, hidden, head(hidden[:, -1]))
+        assert not metrics._head_matches(head, hidden, torch.tanh(head(hidden[:, -1])))  # a soft-cap-like change
+    calls = []
+    monkeypatch.setattr(metrics, "_head_matches", lambda *a: calls.append(1) and False)  # unknown post-processing
+    got = metrics.benign_loss(model, tok, PAIRS, batch_size=2, progress=False)
+    assert got["loss"] == pytest.approx(expected, rel=1e-5) and len(calls) == 1  # decided once per call
 
 
 def test_attack_success_rate_counts_and_never_logs_text(model_tok, monkeypatch, caplog):
     model, tok = model_tok
     secret = "SECRETHARMFULTEXT"
     replies = ["I'm sorry, I cannot help with that.", f"Sure, {secret} " + "step " * 30, "ok"]
-    monkeypatch.setattr(ev, "generate", lambda m, t, prompts, **kw: list(replies))
+    monkeypatch.setattr(metrics, "generate", lambda m, t, prompts, **kw: list(replies))
     with caplog.at_level(logging.DEBUG):
-        res = ev.attack_success_rate(model, tok, [f"{secret} prompt {i}" for i in range(3)], max_new_tokens=4)
+        res = metrics.attack_success_rate(model, tok, [f"{secret} prompt {i}" for i in range(3)], max_new_tokens=4)
     assert res["flags"] == [False, True, False]
     assert res["asr"] == pytest.approx(1 / 3) and res["refusal_rate"] == pytest.approx(2 / 3)
     assert res["n"] == 3 and res["n_attack_success"] == 1
     assert res["matched"][0] == "I'm sorry" and res["matched"][2] is None
     assert res["generation"] == {"max_new_tokens": 4}
     assert secret not in caplog.text
-    qi = ev.attack_success_rate(model, tok, ["a", "b", "c"], judge=RefusalJudge("qi2023_keyword_eval_test_prefixes",
-                                                                                min_words=0))
+    qi = metrics.attack_success_rate(model, tok, ["a", "b", "c"],
+                                     judge=RefusalJudge("qi2023_keyword_eval_test_prefixes", min_words=0))
     assert qi["flags"] == [False, True, True]
 
 
@@ -96,10 +148,10 @@ def test_evaluate_checkpoint_and_compare_on_tiny(model_tok):
 
 
 def test_shipped_data_defaults_and_disjoint_split():
-    assert len(ev.load_harmful()) == 100
-    assert len(ev.load_harmful("advbench:calib")) == 420
-    assert len(ev.load_harmful(limit=5)) == 5
-    held, train = ev.load_benign(), ev.load_benign("benign:train")
+    assert len(load_harmful()) == 100
+    assert len(load_harmful("advbench:calib")) == 420
+    assert len(load_harmful(limit=5)) == 5
+    held, train = load_benign(), load_benign("benign:train")
     assert len(held) == 156 and len(held) + len(train) == 1561
     assert not set(held) & set(train)
 
@@ -107,31 +159,31 @@ def test_shipped_data_defaults_and_disjoint_split():
 def test_loaders_read_files_and_reject_bad_rows(tmp_path):
     jl = tmp_path / "h.jsonl"
     jl.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"goal": "b"}) + "\n")
-    assert ev.load_harmful(jl) == ["a", "b"]
+    assert load_harmful(jl) == ["a", "b"]
     txt = tmp_path / "h.txt"
     txt.write_text("x\ny\n")
-    assert ev.load_harmful(txt) == ["x", "y"]
+    assert load_harmful(txt) == ["x", "y"]
     bj = tmp_path / "b.json"
     bj.write_text(json.dumps([{"instruction": "i", "input": "in", "output": "o"}, {"prompt": "p", "response": "r"}]))
-    assert ev.load_benign(bj) == [("i\n\nin", "o"), ("p", "r")]
+    assert load_benign(bj) == [("i\n\nin", "o"), ("p", "r")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     with pytest.raises(DataError, match="bad.jsonl: line 1"):
-        ev.load_harmful(bad)
+        load_harmful(bad)
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(DataError, match="prompt"):
-        ev.load_harmful(nofield)
+        load_harmful(nofield)
     with pytest.raises(DataError, match="no prompt field"):
-        ev.load_benign(nofield)
+        load_benign(nofield)
     noresp = tmp_path / "noresp.jsonl"
     noresp.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(DataError, match="no response field"):
-        ev.load_benign(noresp)
+        load_benign(noresp)
     with pytest.raises(DataError, match="does not exist"):
-        ev.load_harmful(tmp_path / "missing.jsonl")
+        load_harmful(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="split"):
-        ev.load_harmful("advbench:nope")
+        load_harmful("advbench:nope")
     with pytest.raises(DataError, match="tiny"):
         load_model("tiny:nope")
     with pytest.raises(DataError, match="does not exist"):
@@ -140,12 +192,8 @@ def test_loaders_read_files_and_reject_bad_rows(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- report + CLI
 from ssah_plugin.cli import main  # noqa: E402
-from ssah_plugin.evaluation.report import (  # noqa: E402
-    markdown_table,
-    plot_results,
-    results_json,
-    save_responses,
-)
+from ssah_plugin.evaluation.plots import plot_results  # noqa: E402
+from ssah_plugin.evaluation.report import markdown_table, results_json, save_responses  # noqa: E402
 
 FAKE = [
     {"name": "base", "asr": 0.02, "refusal_rate": 0.98, "n_harmful": 100, "benign_loss": 1.2345, "perplexity": 3.44,
@@ -177,6 +225,26 @@ def test_plot_and_saved_responses(tmp_path):
                        "attack_success": True, "matched_phrase": None}
 
 
+def test_without_matplotlib_the_charts_are_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ssah_plugin.errors import MissingExtraError
+    from ssah_plugin.evaluation.report import write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(MissingExtraError, match=r"ssah-plugin\[plot\]"):
+        plot_results(FAKE, tmp_path / "c.png")
+    with pytest.warns(UserWarning, match=r"ssah-plugin\[plot\].*eval.png"):
+        files = write_report(FAKE, tmp_path / "r")
+    assert set(files) == {"markdown", "json"} and not (tmp_path / "r" / "eval.png").exists()
+    assert main(["eval", "--model", "tiny:llama", "--no-safety", "--limit", "1", "--no-progress",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "eval.md").is_file() and not (tmp_path / "cli" / "eval.png").exists()
+    monkeypatch.undo()
+    assert set(write_report(FAKE, tmp_path / "np", plots=False)) == {"markdown", "json"}
+
+
 def test_eval_cli_json_and_usage_errors(capsys):
     assert main(["eval", "--model", "tiny:llama", "--no-safety", "--limit", "2", "--json", "--no-progress"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -189,6 +257,48 @@ def test_eval_cli_json_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--model", "tiny:llama", "--limit", "0"])
     assert exc.value.code == 2
+
+
+def test_load_model_device_map_and_the_local_rank_default(tmp_path, monkeypatch):
+    import transformers
+
+    from ssah_plugin.errors import UnsupportedSetupError
+    from ssah_plugin.io.models import local_rank_device, resolve_device
+
+    folder = tmp_path / "m"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model, _ = load_model(folder, device_map="cpu")
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    with pytest.raises(DataError, match="give one of them"):
+        load_model(folder, device="cpu", device_map="cpu")
+    with pytest.raises(DataError, match="tiny model"):
+        load_model("tiny:llama", device_map="auto")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_rank_device() is None  # not under torchrun
+    # under torchrun with CUDA: the rank's GPU (CUDA faked; from_pretrained records what it was asked)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    asked = {}
+
+    def fake_from_pretrained(spec, **kwargs):
+        asked.update(kwargs)
+        return tiny_model("llama")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    assert resolve_device("auto") == torch.device("cuda", 1) == local_rank_device()
+    load_model(folder)
+    assert asked["device_map"] == torch.device("cuda", 1)
+    asked.clear()
+    load_model(folder, device_map="auto")
+    assert asked["device_map"] == "auto"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UnsupportedSetupError, match="2 CUDA device"):
+        load_model(folder)
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(UnsupportedSetupError, match="not an integer"):
+        resolve_device("auto")
 
 
 def test_load_model_merges_a_peft_adapter_folder(tmp_path):
@@ -216,16 +326,16 @@ from ssah_plugin.evaluation.stats import mcnemar_exact, rate_summary, wilson_int
 def test_false_refusal_rate_phrase_only_judge(model_tok, monkeypatch):
     model, tok = model_tok
     replies = ["I'm sorry, I cannot help with that.", "4", "Here is a poem about the sea.", "Sorry"]
-    monkeypatch.setattr(ev, "generate", lambda m, t, prompts, **kw: list(replies))
-    res = ev.false_refusal_rate(model, tok, ["a", "b", "c", "d"], progress=False)
+    monkeypatch.setattr(metrics, "generate", lambda m, t, prompts, **kw: list(replies))
+    res = metrics.false_refusal_rate(model, tok, ["a", "b", "c", "d"], progress=False)
     assert res["refused"] == [1, 0, 0, 1]  # a short answer ("4") is not a refusal: phrase-only judge
     assert res["n"] == 4 and res["n_refused"] == 2 and res["rate"] == 0.5
     assert res["wilson95"] == pytest.approx(list(wilson_interval(2, 4)))
     assert res["replies"] == replies and res["judge"]["min_words"] == 0
     with pytest.raises(DataError):
-        ev.false_refusal_rate(model, tok, [], progress=False)
+        metrics.false_refusal_rate(model, tok, [], progress=False)
     monkeypatch.undo()
-    real = ev.false_refusal_rate(model, tok, ["What is 2+2?", "Name a colour."], max_new_tokens=4, progress=False)
+    real = metrics.false_refusal_rate(model, tok, ["What is 2+2?", "Name a colour."], max_new_tokens=4, progress=False)
     assert real["n"] == 2 and len(real["replies"]) == 2 and set(real["refused"]) <= {0, 1}
 
 
@@ -259,7 +369,7 @@ def test_eval_cli_deep_report_side_by_side(tmp_path, capsys, caplog):
     printed = capsys.readouterr().out
     assert all((out / f).is_file() for f in ("eval.md", "eval.json", "eval.png", "deep.png"))
     md, js = (out / "eval.md").read_text(), (out / "eval.json").read_text()
-    for p in ev.load_harmful(limit=2):  # harmful text never in the report, the JSON, stdout or the logs
+    for p in load_harmful(limit=2):  # harmful text never in the report, the JSON, stdout or the logs
         assert p not in md and p not in js and p not in printed and p not in caplog.text
     rows = json.loads(js)
     deep = rows[1]["deep"]

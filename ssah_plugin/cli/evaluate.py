@@ -82,8 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-safety", action="store_true", help="skip the harmful-prompt evaluation")
     parser.add_argument("--no-utility", action="store_true", help="skip the benign loss")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load dtype")
-    parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="device to run on (default: this rank's GPU under torchrun, "
+                        "else cuda if available, else cpu)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="device_map for from_pretrained instead of --device (e.g. auto: spread a large model "
+                        "over the GPUs)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write eval.md, eval.json and eval.png here")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write no PNG (without matplotlib, the [plot] extra, they are skipped with a warning)")
     parser.add_argument("--save-responses", action="store_true",
                         help="also write the full harmful prompts and replies to DIR/responses.jsonl")
     deep = parser.add_argument_group("deep safety evaluation (the first --model is the base)")
@@ -109,12 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    # imported here, not at module level, so that `ssah-plugin eval --help` does not load torch / transformers
     from ssah_plugin.errors import DataError
+    from ssah_plugin.evaluation.attacks import prefill_inputs
+    from ssah_plugin.evaluation.deep_eval import deep_evaluate, paired_vs_base
     from ssah_plugin.evaluation.evaluate import compare
     from ssah_plugin.evaluation.judge import RefusalJudge
-    from ssah_plugin.evaluation.report import markdown_table, results_json, write_report
+    from ssah_plugin.evaluation.report import deep_markdown, markdown_table, results_json, write_report
+    from ssah_plugin.io.model_path import check_model_path
+    from ssah_plugin.io.models import load_model, resolve_device
 
     if args.name is not None and len(args.name) != len(args.model):
         raise DataError(f"got {len(args.name)} --name for {len(args.model)} --model; give one label per model")
@@ -124,22 +133,18 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--save-responses needs --out DIR")
     if args.min_words < 0:
         raise DataError("--min-words must be >= 0")
-    from ssah_plugin.io.model_path import (
-        check_model_path,  # every --model checked before any is loaded
-    )
-    list(map(check_model_path, args.model))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device is not None and args.device_map is not None:
+        raise DataError("give --device or --device-map, not both")
+    list(map(check_model_path, args.model))  # every --model checked before any is loaded
+    where = ({"device_map": args.device_map} if args.device_map is not None
+             else {"device": str(resolve_device(args.device or "auto"))})
     names = args.name or args.model
     judge = RefusalJudge(args.judge, min_words=args.min_words, normalize_apostrophes=not args.exact_apostrophes)
-    from ssah_plugin.io.models import load_model
-
     cfg, data = _deep_setup(args, judge)
     results, base = [], None
     for name, spec in zip(names, args.model):
-        model, tok = load_model(spec, dtype=args.dtype, device=device)
+        model, tok = load_model(spec, dtype=args.dtype, **where)
         if cfg is not None and "prefill" in cfg.attacks:  # K vs targets with this tokenizer, before any generation
-            from ssah_plugin.evaluation.attacks import prefill_inputs
-
             for k in cfg.ks:
                 prefill_inputs(tok, data["harmful"], data["targets"], k, cfg.system, cfg.prefill_short)
         results += compare([(name, model, tok)], harmful=args.harmful, benign=args.benign, limit=args.limit,
@@ -148,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
                            safety=not args.no_safety, utility=not args.no_utility)
         results[-1]["model"] = spec
         if cfg is not None:
-            from ssah_plugin.evaluation.deep_eval import deep_evaluate, paired_vs_base
-
             results[-1]["deep"], state = deep_evaluate(model, tok, data, cfg, base)
             if base is None:
                 base, base_row = state, results[-1]
@@ -163,13 +166,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(markdown_table(results))
         if cfg is not None:
-            from ssah_plugin.evaluation.report import deep_markdown
-
             print(deep_markdown(results))
     if args.out:
         with warnings.catch_warnings():  # the warning about responses.jsonl is printed below, once
-            warnings.simplefilter("ignore", UserWarning)
-            files = write_report(results, args.out, responses=args.save_responses)
+            warnings.filterwarnings("ignore", message=".*holds full replies to harmful prompts", category=UserWarning)
+            files = write_report(results, args.out, responses=args.save_responses, plots=not args.no_plots)
         print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
         if args.save_responses:
             print(f"warning: {files['responses']} contains full replies to harmful prompts; keep it out of logs "
@@ -181,6 +182,7 @@ def _deep_setup(args: argparse.Namespace, judge):
     """The deep-evaluation config and data, or ``(None, None)`` when no deep option is given (checked before any
     model is loaded, so that a bad data file or option fails at once)."""
     from ssah_plugin.errors import DataError
+    from ssah_plugin.evaluation.attacks import DEFAULT_KS, load_framings
     from ssah_plugin.evaluation.deep_eval import DeepConfig, load_deep_data
 
     attacks = ("prefill", "framing") if args.deep else tuple(dict.fromkeys(args.attack or ()))
@@ -192,12 +194,8 @@ def _deep_setup(args: argparse.Namespace, judge):
         return None, None
     framings = None
     if "framing" in attacks:
-        from ssah_plugin.evaluation.attacks import load_framings
-
         ids = [x.strip() for x in args.framing_ids.split(",") if x.strip()] if args.framing_ids else None
         framings = load_framings(args.framings, ids=ids)
-    from ssah_plugin.evaluation.attacks import DEFAULT_KS
-
     cfg = DeepConfig(attacks=attacks, ks=args.prefill_k or DEFAULT_KS, prefill_short=args.prefill_short,
                      framings=framings, depth=depth,
                      over_refusal=over, kl_tokens=args.kl_tokens, max_new_tokens=args.max_new_tokens,

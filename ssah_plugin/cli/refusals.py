@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (default): this rank's GPU under torchrun, else cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("-o", "--output", required=True, help="JSONL file to write (prompt, response rows)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -32,8 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here so that `ssah-plugin refusals --help` does not load torch / transformers
     from ssah_plugin.data.rows import load_rows, prompts_from_rows
     from ssah_plugin.errors import DataError
+    from ssah_plugin.io.models import load_model
+    from ssah_plugin.recipes.replay import collect_refusals, save_refusals
 
     out = Path(args.output)
     if out.is_dir():
@@ -48,16 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             raise DataError("the prompts file holds only AdvBench 'eval' rows, which are kept for evaluation")
     prompts = prompts_from_rows(rows, where="harmful prompts")[: args.max_prompts]
-
-    from ssah_plugin.io.models import load_model
-    from ssah_plugin.recipes.replay import collect_refusals, save_refusals
-
-    device = None if args.device == "auto" else args.device
-    if args.device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else None
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     pairs = collect_refusals(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              progress=not args.no_progress)
     save_refusals(pairs, out)

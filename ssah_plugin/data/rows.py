@@ -119,7 +119,8 @@ def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) 
             if path.is_dir():
                 raise DataError(f"{name!r} is a folder; pass a .jsonl/.json/.csv/.parquet file")
             rows = _read_file(path)
-        elif text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv", ".txt"):
+        elif text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv",
+                                                                          ".txt"):
             raise DataError(f"calibration data file {name!r} does not exist")
         else:
             rows = _load_hub_dataset(text, split)
@@ -254,21 +255,22 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     are exactly the positions that carry the SFT loss on the response (Wei et al. score on response tokens).
     ``tokens="all"`` counts every non-padding position.
 
-    ``max_length`` truncates longer conversations: the response keeps its start (at least half of ``max_length``
-    tokens, more if the prompt is short) and the prompt keeps its end (the generation prompt). Without it, a conversation longer than
-    ``max_positions`` (the model's maximum positions) raises :class:`DataError`.
+    ``max_length`` truncates longer conversations by :func:`fit_pair` (the one rule: the response is kept, cut at
+    its end only if it alone is too long, and the prompt keeps its end, the generation prompt; one warning per call
+    counts such rows). Without it, a conversation longer than ``max_positions`` (the model's maximum positions)
+    raises :class:`DataError`.
     """
     if tokens not in ("response", "all"):
         raise ValueError(f"tokens must be 'response' or 'all', got {tokens!r}")
     out: list[EncodedPair] = []
+    n_cut = 0
     for i, (prompt, response) in enumerate(pairs):
         p_ids, r_ids = chat_pair_ids(tokenizer, prompt, response)
         ids = p_ids + r_ids
         if max_length is not None and len(ids) > max_length:
-            # keep the start of the response and the end of the prompt (as the benign loss does)
-            r_ids = r_ids[:max(max_length // 2, max_length - len(p_ids))]
-            p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)):]
+            p_ids, r_ids, _ = fit_pair(p_ids, r_ids, max_length)
             ids = p_ids + r_ids
+            n_cut += 1
         elif max_positions is not None and len(ids) > max_positions:
             raise DataError(
                 f"{where}: row {i} is {len(ids)} tokens long after the chat template, more than the model's "
@@ -285,6 +287,8 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
         out.append(EncodedPair(ids, count))
     if not out:
         raise DataError(f"{where}: no calibration examples")
+    if max_length is not None:
+        warn_truncated(n_cut, len(out), max_length, where)
     return out
 
 

@@ -20,7 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ssah_plugin.data import shipped_data_path
 from ssah_plugin.data.chat import Prompt, prompt_ids
+from ssah_plugin.data.eval_sets import HARMFUL_DEFAULT, harmful_rows
+from ssah_plugin.data.rows import prompts_from_rows
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.generation import generate, generate_from_ids
 from ssah_plugin.evaluation.judge import RefusalJudge
@@ -42,14 +45,11 @@ _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # ---------------------------------------------------------------------------------------------------- prefill
 def load_targets(source: str | os.PathLike | None = None, limit: int | None = None) -> tuple[list[str], list[str]]:
-    """(prompts, targets) from the same sources as :func:`ssah_plugin.evaluation.evaluate.load_harmful` (default
+    """(prompts, targets) from the same sources as :func:`ssah_plugin.data.eval_sets.load_harmful` (default
     ``advbench:eval``). The target is the row's ``target`` field, else its ``response`` field; a row without
     either raises :class:`DataError` naming the fields."""
-    from ssah_plugin.data.rows import prompts_from_rows
-    from ssah_plugin.evaluation.evaluate import harmful_rows
-
     rows = harmful_rows(source)[:limit] if limit is not None else harmful_rows(source)
-    where = f"harmful prompts {str(source or 'advbench:eval')!r}"
+    where = f"harmful prompts {str(source or HARMFUL_DEFAULT)!r}"
     prompts = prompts_from_rows(rows, where=where)
     targets = []
     for i, row in enumerate(rows):
@@ -209,8 +209,6 @@ def load_framings(path: str | os.PathLike | None = None, *, shipped: bool = True
     ``shipped=False`` uses only the user file; ``ids`` keeps the named framings (in that order). Ids must be unique
     across both files.
     """
-    from ssah_plugin.data import shipped_data_path
-
     framings: list[Framing] = []
     sources = ([shipped_data_path("framings.json")] if shipped else []) + ([path] if path is not None else [])
     if not sources:

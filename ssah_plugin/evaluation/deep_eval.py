@@ -6,7 +6,8 @@ and the over-refusal rate on held-out benign prompts. The **first** checkpoint i
 and greedy replies are the reference for the others, it stays loaded while they are evaluated (the KL needs both
 models at once), and every 0/1 outcome of a later checkpoint is compared with the base's by an exact McNemar test.
 
-:mod:`ssah_plugin.evaluation.report` renders the results (markdown, JSON) and :mod:`ssah_plugin.evaluation.plots` the figure.
+:mod:`ssah_plugin.evaluation.report` renders the results (markdown, JSON) and :mod:`ssah_plugin.evaluation.plots`
+the figure.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ssah_plugin.data.eval_sets import load_benign, load_harmful
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.attacks import (
     DEFAULT_KS,
@@ -27,8 +29,13 @@ from ssah_plugin.evaluation.attacks import (
     load_targets,
     prefill_attack,
 )
+from ssah_plugin.evaluation.depth import refusal_log_odds, reply_kl
+from ssah_plugin.evaluation.direction import direction_kept, refusal_direction
+from ssah_plugin.evaluation.generation import generate_ids
 from ssah_plugin.evaluation.judge import RefusalJudge
+from ssah_plugin.evaluation.metrics import false_refusal_rate
 from ssah_plugin.evaluation.stats import mcnemar_exact
+from ssah_plugin.io.models import DeviceMap, load_model
 
 __all__ = ["DeepConfig", "load_deep_data", "deep_evaluate", "deep_compare", "paired_vs_base", "ATTACKS"]
 
@@ -72,8 +79,6 @@ def load_deep_data(harmful: str | os.PathLike | None = None, benign: str | os.Pa
                    limit: int | None = None, *, targets: bool = True) -> dict:
     """Harmful prompts (+ their targets when ``targets``; default AdvBench ``eval``) and held-out benign prompts
     (default ``benign:heldout``), the first ``limit`` of each."""
-    from ssah_plugin.evaluation.evaluate import load_benign, load_harmful
-
     if targets:
         prompts, tgts = load_targets(harmful, limit)
     else:
@@ -99,11 +104,6 @@ def deep_evaluate(model, tokenizer, data: dict, cfg: DeepConfig, base: dict | No
         ``state`` is what later checkpoints need (tokenizer; with ``depth``: the model, its direction and greedy
         reply ids).
     """
-    from ssah_plugin.evaluation.depth import refusal_log_odds, reply_kl
-    from ssah_plugin.evaluation.direction import direction_kept, refusal_direction
-    from ssah_plugin.evaluation.evaluate import false_refusal_rate
-    from ssah_plugin.evaluation.generation import generate_ids
-
     common = dict(batch_size=cfg.batch_size, progress=cfg.progress)
     gen = dict(common, system=cfg.system, judge=cfg.judge)
     out: dict[str, Any] = {"prefill": None, "framing": None, "log_odds": None, "kl": None, "direction": None,
@@ -170,11 +170,10 @@ def paired_vs_base(base: dict, other: dict) -> list[dict]:
 
 
 def deep_compare(checkpoints: Sequence, *, harmful=None, benign=None, limit: int | None = None,
-                 cfg: DeepConfig | None = None, dtype=None, device: str | None = None) -> list[dict]:
+                 cfg: DeepConfig | None = None, dtype=None, device: str | None = None,
+                 device_map: DeviceMap | None = None) -> list[dict]:
     """:func:`deep_evaluate` on ``checkpoints`` (specs, ``(name, spec)`` or ``(name, model, tokenizer)``), the first
     being the base. Returns one ``{"name", "model", "deep": result, "paired_vs_base": [...]}`` per checkpoint."""
-    from ssah_plugin.io.models import load_model
-
     cfg = cfg or DeepConfig()
     items = list(checkpoints)
     if not items:
@@ -187,7 +186,7 @@ def deep_compare(checkpoints: Sequence, *, harmful=None, benign=None, limit: int
             spec = name
         else:
             name, spec = item if isinstance(item, tuple) else (str(item), item)
-            model, tok = load_model(spec, dtype=dtype, device=device)
+            model, tok = load_model(spec, dtype=dtype, device=device, device_map=device_map)
         res, state = deep_evaluate(model, tok, data, cfg, base_state)
         row = {"name": name, "model": str(spec), "deep": res, "paired_vs_base": []}
         if base_state is None:

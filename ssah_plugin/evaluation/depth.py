@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ssah_plugin.data.chat import Prompt, prompt_ids
+from ssah_plugin.data.rows import load_rows
 from ssah_plugin.errors import DataError
 from ssah_plugin.evaluation.generation import generate_ids
 from ssah_plugin.evaluation.judge import DEFAULT_LIST, refusal_lists
@@ -42,8 +43,6 @@ def default_refusal_starts(list_name: str = DEFAULT_LIST) -> list[str]:
 
 def default_compliance_starts() -> list[str]:
     """The distinct openings of the shipped AdvBench targets (their first three words, e.g. ``Sure, here is``)."""
-    from ssah_plugin.data.rows import load_rows
-
     return sorted({" ".join(r["target"].split()[:3]) for r in load_rows("shipped:advbench.jsonl")})
 
 
@@ -194,9 +193,9 @@ def reply_kl(
     """Per-position ``KL(P_tuned || P_base)`` (nats) over the first ``n_tokens`` reply positions.
 
     Both models are teacher-forced on the base model's greedy reply (``base_replies``: its token ids, computed with
-    :func:`ssah_plugin.evaluation.generation.generate_ids` when not given). Position ``t`` is the distribution of reply token
-    ``t`` given the prompt and reply tokens ``< t``; a reply that stopped early also counts the position of its stop
-    token, so position 0 always counts. Both models must share ``tokenizer``'s vocabulary.
+    :func:`ssah_plugin.evaluation.generation.generate_ids` when not given). Position ``t`` is the distribution of
+    reply token ``t`` given the prompt and reply tokens ``< t``; a reply that stopped early also counts the position
+    of its stop token, so position 0 always counts. Both models must share ``tokenizer``'s vocabulary.
 
     Returns ``{"positions", "kl" (mean per position), "n" (prompts per position), "per_prompt", "kl_first",
     "kl_mean" (token-weighted), "n_prompts", "direction": "KL(tuned || base)"}``.
@@ -222,8 +221,9 @@ def reply_kl(
         with torch.no_grad():
             for batch, ids, attn in padded_batches(seqs, batch_size=batch_size, pad_id=pad_id_of(tokenizer),
                                                    progress=progress, desc="reply KL"):
-                lb_all = base(input_ids=ids.to(model_device(base)), attention_mask=attn.to(model_device(base))).logits
-                lt_all = tuned(input_ids=ids.to(model_device(tuned)), attention_mask=attn.to(model_device(tuned))).logits
+                dev_b, dev_t = model_device(base), model_device(tuned)
+                lb_all = base(input_ids=ids.to(dev_b), attention_mask=attn.to(dev_b)).logits
+                lt_all = tuned(input_ids=ids.to(dev_t), attention_mask=attn.to(dev_t)).logits
                 if lb_all.shape != lt_all.shape:
                     raise DataError(f"base and tuned logits differ in shape ({tuple(lb_all.shape)} vs "
                                     f"{tuple(lt_all.shape)}): the models do not share a vocabulary")

@@ -8,8 +8,8 @@ embeddings; the final, normalised state is not used).
 
 For a tuned model, :func:`direction_kept` projects its activations on the base's unit direction and reports, per
 layer, how much of the harmful-minus-benign projection gap is kept (``kept = 1`` for the base itself). Read it next
-to the refusal log-odds (:func:`ssah_plugin.evaluation.depth.refusal_log_odds`): a high ``kept`` with falling log-odds means
-"still detects harm but no longer acts on it"; a low ``kept`` means "no longer detects harm".
+to the refusal log-odds (:func:`ssah_plugin.evaluation.depth.refusal_log_odds`): a high ``kept`` with falling
+log-odds means "still detects harm but no longer acts on it"; a low ``kept`` means "no longer detects harm".
 """
 from __future__ import annotations
 

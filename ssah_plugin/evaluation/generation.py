@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ssah_plugin.core.peft_layout import loaded_peft
 from ssah_plugin.data.chat import Prompt, prompt_ids
 from ssah_plugin.errors import DataError
 from ssah_plugin.io.models import model_device
@@ -133,7 +134,8 @@ def generate_from_ids(
         bar = tqdm(total=len(encoded), desc=desc, unit="prompt", leave=False)
     from transformers import GenerationConfig
 
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: generate reads the base's
+    peft = loaded_peft()  # a PEFT model's generate reads its base model's generation config
+    owner = model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
     saved_config = getattr(owner, "generation_config", None)
     try:
         model.eval()

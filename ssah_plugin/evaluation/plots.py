@@ -1,19 +1,34 @@
-"""Plots (matplotlib, Agg backend): where the unit classes sit across layers (``ssah-plugin inspect --plot``), and
-the deep safety evaluation figure (``ssah-plugin eval --deep``: :func:`plot_deep`)."""
+"""Plots (matplotlib, Agg backend): where the unit classes sit across layers (``ssah-plugin inspect --plot``), the
+ASR / benign-loss bars of ``ssah-plugin eval`` (:func:`plot_results`) and the deep safety evaluation figure
+(``ssah-plugin eval --deep``: :func:`plot_deep`).
+
+matplotlib is the ``[plot]`` extra (``pip install 'ssah-plugin[plot]'``): it is imported only when a figure is drawn,
+and a missing install raises :class:`~ssah_plugin.errors.MissingExtraError` naming the extra.
+"""
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ssah_plugin.core.mask import CLASS_CODES, Mask
+from ssah_plugin.errors import require
 
-__all__ = ["class_table", "plot_classes", "plot_deep", "CLASS_COLORS"]
+__all__ = ["class_table", "plot_classes", "plot_results", "plot_deep", "CLASS_COLORS"]
 
 #: class -> colour (colour-blind safe Okabe-Ito palette)
 CLASS_COLORS = {"SCU": "#D55E00", "UCU": "#0072B2", "CU": "#BBBBBB", "RU": "#009E73"}
 _ORDER = ("SCU", "UCU", "CU", "RU")
+
+
+def _pyplot(purpose: str):
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), or :class:`MissingExtraError`."""
+    matplotlib = require("matplotlib", "plot", purpose)
+    matplotlib.use("Agg", force=False)
+    return require("matplotlib.pyplot", "plot", purpose)
 
 
 def class_table(mask: Mask) -> dict[str, dict[int, dict[str, int]]]:
@@ -32,13 +47,10 @@ def class_table(mask: Mask) -> dict[str, dict[int, dict[str, int]]]:
 def plot_classes(mask: Mask, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Write a PNG: per layer, the share of each class among MLP units (top) and attention units (bottom), plus
     the SCU count per layer (right axis markers), so the reader sees where safety-critical units concentrate."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    table = class_table(mask)
+    plt = _pyplot("plotting the unit classes (inspect --plot)")
     from matplotlib.ticker import MaxNLocator
 
-    table = class_table(mask)
     kinds = [k for k in ("mlp", "attn") if k in table]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.28 * _n_layers(table) + 3), 2.8 * len(kinds) + 0.9),
                              sharex=True, squeeze=False)
@@ -104,14 +116,48 @@ def _not_run(ax, title: str) -> None:
     ax.set_yticks([])
 
 
+def plot_results(results: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Two bar panels, one bar per checkpoint: attack success rate (%) and benign loss."""
+    plt = _pyplot("drawing the eval chart (eval.png)")
+    names = [r["name"] for r in results]
+    asr = [float("nan") if r.get("asr") is None else 100.0 * r["asr"] for r in results]
+    loss = [float("nan") if r.get("benign_loss") is None else r["benign_loss"] for r in results]
+    width = max(6.0, 1.3 * len(names) + 3.0)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 3.8), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, values, title, fmt in ((axes[0], asr, "attack success rate (%), lower is safer", "{:.1f}"),
+                                   (axes[1], loss, "benign loss (NLL), lower is better", "{:.3f}")):
+        xs = range(len(names))
+        bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values],
+                      color=[colors[i % len(colors)] for i in xs])
+        for bar, v in zip(bars, values):
+            label = "n/a" if math.isnan(v) else fmt.format(v)
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([n if len(n) <= 24 else "..." + n[-21:] for n in names], rotation=20, ha="right",
+                           fontsize=8)
+        ax.set_title(title, fontsize=10)
+        finite = [v for v in values if not math.isnan(v)]
+        if title.startswith("attack"):
+            ax.set_ylim(0, min(100.0, max(10.0, max(finite, default=0.0) * 1.2)))
+        elif finite:
+            ax.set_ylim(0, max(finite) * 1.15)
+    n_h = max((r.get("n_harmful", 0) for r in results), default=0)
+    n_b = max((r.get("n_benign", 0) for r in results), default=0)
+    fig.suptitle(f"ssah-plugin eval: {n_h} harmful prompts, {n_b} benign pairs", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_deep(results: list[dict], path: str | os.PathLike) -> Path:
     """One PNG with six panels: prefill ASR vs K, ASR per framing (flip rate in the legend), over-refusal, refusal
     log-odds, per-position reply KL to the base, and the refusal-direction gap kept per layer. Rates show 95%
     Wilson intervals; every panel title gives the number of prompts."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot("drawing the deep evaluation figure (deep.png)")
     from matplotlib.ticker import MaxNLocator
 
     rows = [(r["name"], r["deep"]) for r in results if r.get("deep")]

@@ -1,8 +1,11 @@
-"""Side-by-side report of several evaluated checkpoints: markdown table, JSON and a PNG chart.
+"""Side-by-side report of several evaluated checkpoints: markdown table, JSON and PNG charts.
 
-Input: the result dicts of :func:`ssah_plugin.evaluation.evaluate.evaluate_checkpoint` / :func:`~ssah_plugin.evaluation.evaluate.compare`.
-:func:`write_report` writes ``eval.md``, ``eval.json`` and ``eval.png`` into a folder and, only when asked,
-``responses.jsonl`` with the full replies to the harmful prompts (harmful text: keep it out of logs and CI output).
+Input: the result dicts of :func:`ssah_plugin.evaluation.evaluate.evaluate_checkpoint` /
+:func:`~ssah_plugin.evaluation.evaluate.compare` (and :mod:`ssah_plugin.evaluation.deep_eval`).
+:func:`write_report` writes ``eval.md``, ``eval.json`` and the charts of :mod:`ssah_plugin.evaluation.plots`
+(``eval.png``, ``deep.png``; skipped with a warning when matplotlib, the ``[plot]`` extra, is not installed) into a
+folder and, only when asked, ``responses.jsonl`` with the full replies to the harmful prompts (harmful text: keep it
+out of logs and CI output).
 """
 from __future__ import annotations
 
@@ -13,8 +16,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["markdown_table", "results_json", "plot_results", "write_report", "save_responses", "deep_markdown",
-           "deep_json"]
+import torch
+
+from ssah_plugin.errors import MissingExtraError
+from ssah_plugin.evaluation.plots import plot_deep, plot_results
+
+__all__ = ["markdown_table", "results_json", "write_report", "save_responses", "deep_markdown", "deep_json"]
 
 #: Keys of the deep results that hold harmful text: never written to eval.json (tensors are left out too).
 _TEXT_KEYS = ("continuations", "replies", "prompts")
@@ -70,16 +77,12 @@ def results_json(results: Sequence[dict]) -> list[dict]:
 def deep_json(value):
     """A deep-evaluation result without harmful text (prompts, replies, continuations) or tensors."""
     if isinstance(value, dict):
-        return {k: deep_json(v) for k, v in value.items() if k not in _TEXT_KEYS and not _is_tensor(v)}
+        return {k: deep_json(v) for k, v in value.items() if k not in _TEXT_KEYS and not isinstance(v, torch.Tensor)}
     if isinstance(value, (list, tuple)):
         return [deep_json(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def _is_tensor(value) -> bool:
-    return hasattr(value, "detach") and hasattr(value, "numel")  # torch.Tensor, without importing torch here
 
 
 def _ci(rate: float | None, ci: Sequence[float] | None) -> str:
@@ -176,47 +179,6 @@ def _depth_markdown(results: Sequence[dict]) -> str:
     return text
 
 
-def plot_results(results: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Two bar panels, one bar per checkpoint: attack success rate (%) and benign loss."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in results]
-    asr = [float("nan") if r.get("asr") is None else 100.0 * r["asr"] for r in results]
-    loss = [float("nan") if r.get("benign_loss") is None else r["benign_loss"] for r in results]
-    width = max(6.0, 1.3 * len(names) + 3.0)
-    fig, axes = plt.subplots(1, 2, figsize=(width, 3.8), constrained_layout=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, values, title, fmt in ((axes[0], asr, "attack success rate (%), lower is safer", "{:.1f}"),
-                                   (axes[1], loss, "benign loss (NLL), lower is better", "{:.3f}")):
-        xs = range(len(names))
-        bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values],
-                      color=[colors[i % len(colors)] for i in xs])
-        for bar, v in zip(bars, values):
-            label = "n/a" if math.isnan(v) else fmt.format(v)
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([n if len(n) <= 24 else "..." + n[-21:] for n in names], rotation=20, ha="right",
-                           fontsize=8)
-        ax.set_title(title, fontsize=10)
-        finite = [v for v in values if not math.isnan(v)]
-        if title.startswith("attack"):
-            ax.set_ylim(0, min(100.0, max(10.0, max(finite, default=0.0) * 1.2)))
-        elif finite:
-            ax.set_ylim(0, max(finite) * 1.15)
-    n_h = max((r.get("n_harmful", 0) for r in results), default=0)
-    n_b = max((r.get("n_benign", 0) for r in results), default=0)
-    fig.suptitle(f"ssah-plugin eval: {n_h} harmful prompts, {n_b} benign pairs", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def save_responses(results: Sequence[dict], path: str | os.PathLike) -> Path:
     """Write the full harmful prompts and replies (one JSON line per reply). Contains harmful text."""
     path = Path(path)
@@ -251,11 +213,14 @@ def _deep_texts(r: dict):
                    "attack_success": d["attack_success"][i]}
 
 
-def write_report(results: Sequence[dict], out_dir: str | os.PathLike, *, responses: bool = False) -> dict[str, Path]:
+def write_report(results: Sequence[dict], out_dir: str | os.PathLike, *, responses: bool = False,
+                 plots: bool = True) -> dict[str, Path]:
     """Write ``eval.md``, ``eval.json``, ``eval.png`` (and ``responses.jsonl`` if ``responses``) into ``out_dir``.
 
-    Results with a ``deep`` part (:mod:`ssah_plugin.evaluation.deep_eval`) add their sections to ``eval.md`` and a figure
-    ``deep.png``; results that hold only a deep part skip the ASR / benign-loss table and ``eval.png``.
+    Results with a ``deep`` part (:mod:`ssah_plugin.evaluation.deep_eval`) add their sections to ``eval.md`` and a
+    figure ``deep.png``; results that hold only a deep part skip the ASR / benign-loss table and ``eval.png``.
+    ``plots=False`` writes no PNG; without matplotlib (``pip install 'ssah-plugin[plot]'``) the PNGs are skipped
+    with one warning. Returns ``{"markdown", "json", "png", "deep_png", "responses": path}`` for what was written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,12 +232,15 @@ def write_report(results: Sequence[dict], out_dir: str | os.PathLike, *, respons
         md += "\n" + deep_markdown(results)
     files["markdown"].write_text(md, encoding="utf-8")
     files["json"].write_text(json.dumps(results_json(results), indent=2), encoding="utf-8")
-    if basic:
-        files["png"] = plot_results(results, out / "eval.png")
-    if deep:
-        from ssah_plugin.evaluation.plots import plot_deep
-
-        files["deep_png"] = plot_deep(results, out / "deep.png")
+    charts = [("png", plot_results, "eval.png")] if plots and basic else []
+    charts += [("deep_png", plot_deep, "deep.png")] if plots and deep else []
+    for key, plot, name in charts:
+        try:
+            files[key] = plot(results, out / name)
+        except MissingExtraError as exc:
+            warnings.warn(f"{exc}; the charts ({', '.join(n for _, _, n in charts)}) are not written, the markdown "
+                          "and JSON report is", stacklevel=2)
+            break
     if responses:
         files["responses"] = save_responses(results, out / "responses.jsonl")
     return files
