@@ -165,9 +165,10 @@ def replay_rows(pairs: Sequence[tuple[Any, str]], like: dict, *, tokenizer=None,
 
         rows = sft_examples(tokenizer, pairs, max_length=max_length, drop_unlabelled=False)
         short = [i for i, r in enumerate(rows) if all(x == -100 for x in r["labels"])]
-        if short:
-            raise DataError(f"max_length={max_length} cuts every refusal token of {len(short)} replay row(s) (first: "
-                            f"refusal {short[0]}): their prompts alone fill the length. Raise max_length")
+        if short:  # over-long rows keep their refusal (data.rows.fit_pair): only an empty one gets here
+            raise DataError(f"{len(short)} replay row(s) carry no refusal token once formatted (first: refusal "
+                            f"{short[0]}): an empty refusal, or a chat template that renders nothing after the "
+                            "generation prompt. Fix: drop empty refusals, or use the model's own chat template")
         keep = [k for k in ("input_ids", "attention_mask", "labels") if k in like]
         if "labels" not in like:
             warnings.warn("the tokenized training rows carry no 'labels', so the collator will train on every token "
@@ -182,7 +183,7 @@ def replay_rows(pairs: Sequence[tuple[Any, str]], like: dict, *, tokenizer=None,
                             "completion": [{"role": "assistant", "content": refusal}]})
             else:
                 need_tokenizer("plain-text prompt/completion strings")
-                from ssah_plugin.evaluation.generation import chat_prompt
+                from ssah_plugin.data.chat import chat_prompt
 
                 out.append({"prompt": chat_prompt(tokenizer, prompt), "completion": refusal})
         elif fmt == "text":
@@ -275,10 +276,10 @@ def collect_refusals(model, tokenizer, prompts: Sequence[Any], *, max_new_tokens
                      progress: bool = True) -> list[tuple[Any, str]]:
     """The model's own greedy replies to harmful ``prompts`` that the keyword judge reads as refusals.
 
-    The same collection ``locate --own-refusals`` uses (:func:`ssah_plugin.locate.runner.own_refusals`); run it on the base
-    (aligned) model before fine-tuning, on prompts that are not in your evaluation set.
+    The same collection ``locate --own-refusals`` uses (:func:`ssah_plugin.evaluation.refusals.own_refusals`); run
+    it on the base (aligned) model before fine-tuning, on prompts that are not in your evaluation set.
     """
-    from ssah_plugin.locate.runner import own_refusals
+    from ssah_plugin.evaluation.refusals import own_refusals
 
     return [(p, r.strip()) for p, r in own_refusals(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                    batch_size=batch_size, progress=progress) if r.strip()]
