@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess (clean peak RSS), and the modes are interleaved across repeats (the
 order rotates) because other jobs share the CPU. Modes:
 
-* ``locate``    : ``ssah_plugin.locate.runner.locate`` on the in-memory model (both data sets, statistics hooks, scores,
+* ``locate``    : ``ssah_plugin.locate.locate`` on the in-memory model (both data sets, statistics hooks, scores,
                   classes; tokenisation included).
 * ``forward``   : plain ``model(input_ids, attention_mask)`` (with the LM head) over exactly the same batches.
 * ``body``      : the decoder without the LM head (what locate runs) over the same batches, for reference.
@@ -64,8 +64,8 @@ def child(mode: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from ssah_plugin.data.rows import encode_pairs, load_pairs
-    from ssah_plugin.locate.runner import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY, LocateConfig, batches, locate
-    from ssah_plugin.testing.tiny import tiny_tokenizer
+    from ssah_plugin.io.tiny import tiny_tokenizer
+    from ssah_plugin.locate import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY, LocateConfig, batches, locate
 
     tok = tiny_tokenizer()
     cfg = LocateConfig(max_samples=args.samples, batch_size=args.batch_size, max_length=args.max_length,
@@ -77,7 +77,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     tokens = sum(len(e.input_ids) for es in enc for e in es)
     counted = sum(sum(e.count) for es in enc for e in es)
     if mode == "layerwise":
-        from ssah_plugin.locate.layerwise import locate_layerwise
+        from ssah_plugin.locate import locate_layerwise
 
         before = rss_mib()
         c0, t0 = time.process_time(), time.perf_counter()
@@ -110,10 +110,10 @@ def interleaved(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ssah_plugin.data.rows import encode_pairs, load_pairs
-    from ssah_plugin.locate.runner import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY, batches, collect_stats
-    from ssah_plugin.testing.tiny import tiny_tokenizer
     from ssah_plugin.core.units import describe_units
+    from ssah_plugin.data.rows import encode_pairs, load_pairs
+    from ssah_plugin.io.tiny import tiny_tokenizer
+    from ssah_plugin.locate import DEFAULT_SHIPPED_SAFETY, DEFAULT_SHIPPED_UTILITY, batches, collect_stats
 
     tok = tiny_tokenizer()
     enc = [encode_pairs(tok, load_pairs(src, max_samples=args.samples), max_length=args.max_length)

@@ -9,13 +9,7 @@ import torch
 from ssah_plugin.core.mask import CLASS_CODES
 from ssah_plugin.core.units import describe_units
 from ssah_plugin.io.tiny import tiny_model
-from ssah_plugin.locate.runner import (
-    LocateConfig,
-    ablated_copy,
-    build_mask,
-    restore_units,
-    zero_units,
-)
+from ssah_plugin.locate import LocateConfig, ablated_copy, build_mask, restore_units, zero_units
 
 
 def _mask(model, granularity="channel"):

@@ -1,4 +1,9 @@
-"""locate: calibration statistics and scores equal a direct computation; CLI end to end on tiny:llama."""
+"""locate: calibration statistics and scores equal a direct computation; CLI end to end on tiny:llama.
+
+Tolerances: the statistics take each batch's moments in float32 (merged in float64; tests/test_locate_stats.py),
+so they match a float64 computation on the same float32 activations to ~1e-7 relative; rtol 1e-6 (float32
+reductions on a GPU round differently, within that bound).
+"""
 from __future__ import annotations
 
 import json
@@ -9,19 +14,13 @@ import torch
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.units import describe_units
 from ssah_plugin.data.rows import encode_pairs, load_pairs
+from ssah_plugin.io.models import pad_id_of
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.locate.runner import (
-    ChannelStats,
-    LocateConfig,
-    channel_scores,
-    collect_stats,
-    locate,
-    pad_id_of,
-    unit_scores,
-)
+from ssah_plugin.locate import LocateConfig, channel_scores, collect_stats, locate, unit_scores
 
 SAFETY = "shipped:safety_refusals.jsonl"
 UTILITY = "shipped:benign_instructions.jsonl"
+RTOL = 1e-6  # float32 per-batch moments (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +49,6 @@ def _direct_stats(model, groups, encoded):
     return {name: torch.cat(xs)[mask].var(0, unbiased=False) for name, xs in acts.items()}
 
 
-def test_channel_stats_match_float64_variance_with_large_offset():
-    torch.manual_seed(0)
-    x = 1e4 + torch.randn(1000, 7, dtype=torch.float64) * torch.arange(1, 8)
-    st = ChannelStats(7)
-    for chunk in torch.split(x, [1, 13, 400, 0, 586]):
-        st.update(chunk.float() if chunk.numel() % 2 else chunk)  # mixed dtypes are promoted to float64
-    ref = torch.cat([c.float().double() if c.numel() % 2 else c for c in torch.split(x, [1, 13, 400, 0, 586])])
-    assert st.n == 1000
-    torch.testing.assert_close(st.variance(), ref.var(0, unbiased=False), rtol=1e-10, atol=0)
-    assert st.mean.numel() == 7 and st.m2.numel() == 7  # state does not grow with tokens
-
-
 @pytest.mark.parametrize("tokens", ["response", "all"])
 def test_statistics_equal_direct_computation(llama, tok, tokens):
     pairs = load_pairs(SAFETY, max_samples=6, seed=1)
@@ -70,12 +57,12 @@ def test_statistics_equal_direct_computation(llama, tok, tokens):
     col = collect_stats(llama, groups, enc, batch_size=4, pad_id=pad_id_of(tok), progress=False)
     direct = _direct_stats(llama, groups, enc)
     for name, var in direct.items():
-        torch.testing.assert_close(col.variance(name), var, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(col.variance(name), var, rtol=RTOL, atol=1e-12)
         assert col.stats[name].n == sum(sum(e.count) for e in enc)  # padding never counted
 
 
 def test_response_positions_are_the_ones_predicting_response_tokens(tok):
-    from ssah_plugin.evaluation.generation import chat_pair_ids
+    from ssah_plugin.data.chat import chat_pair_ids
 
     pair = ("How do I bake bread?", "Mix flour and water.")
     p_ids, r_ids = chat_pair_ids(tok, *pair)
@@ -93,7 +80,7 @@ def test_batching_does_not_change_statistics(llama, tok):
     one = collect_stats(llama, groups, enc, batch_size=1, pad_id=0, progress=False)
     many = collect_stats(llama, groups, enc, batch_size=5, pad_id=0, progress=False)
     for name in one.modules:
-        torch.testing.assert_close(one.variance(name), many.variance(name), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.variance(name), many.variance(name), rtol=RTOL, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -107,7 +94,7 @@ def test_scores_are_variance_times_column_norm(tok, family):
     for gi, g in enumerate(groups):
         w = model.get_submodule(g.score_module).weight.detach().double()
         norm2 = (w ** 2).sum(0) if family != "gpt2" else (w ** 2).sum(1)  # Conv1D: [in, out], row j
-        torch.testing.assert_close(mask.scores["safety"][gi], direct[g.score_module] * norm2, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(mask.scores["safety"][gi], direct[g.score_module] * norm2, rtol=RTOL, atol=1e-15)
         z = mask.scores["safety_z"][gi]
         assert abs(float(z.mean())) < 1e-9 and abs(float(z.std(unbiased=False)) - 1) < 1e-9  # z-score per group
 
@@ -168,10 +155,27 @@ def test_cli_locate_reports_data_errors(tmp_path, capsys):
     rc = main(["locate", "--model", "tiny:llama", "--safety", str(empty), "-o", str(tmp_path / "m.safetensors")])
     assert rc == 2
     assert "empty" in capsys.readouterr().err
-    rc = main(["locate", "--model", "tiny:llama", "--max-samples", "16", "--no-progress", "-o",
-               str(tmp_path / "m.safetensors")])  # shipped rows exceed the tiny model's 256 positions
-    assert rc == 2
-    assert "--max-length" in capsys.readouterr().err
+
+
+def test_rows_longer_than_the_model_are_cut_by_the_one_rule(tmp_path, tok):
+    """No --max-length: rows longer than the model's 256 positions are cut by data.rows.fit_pair (response kept,
+    prompt keeps its end), with one warning per data set, instead of being refused."""
+    from ssah_plugin.cli import main
+    from ssah_plugin.data.chat import chat_pair_ids
+    from ssah_plugin.data.rows import fit_pair
+
+    pairs = load_pairs(UTILITY, max_samples=16, seed=0)
+    long = [p for p in pairs if sum(map(len, chat_pair_ids(tok, *p))) > 256]
+    assert long  # shipped utility rows exceed the tiny model's positions
+    out = tmp_path / "m.safetensors"
+    with pytest.warns(UserWarning, match=rf"utility data: {len(long)} of 16 rows are longer than max_length=256"):
+        rc = main(["locate", "--model", "tiny:llama", "--max-samples", "16", "--no-progress", "-o", str(out)])
+    assert rc == 0
+    (e,) = encode_pairs(tok, long[:1], max_length=256)
+    p_ids, r_ids, cut = fit_pair(*chat_pair_ids(tok, *long[0]), 256)
+    assert cut and e.input_ids == p_ids + r_ids and len(e.input_ids) == 256
+    assert sum(e.count) == len(r_ids)  # every kept response token is counted (the position before it)
+    assert Mask.load(out).method["config"]["max_length"] is None
 
 
 def test_auto_mode_end_to_end_restores_weights(llama, tok):

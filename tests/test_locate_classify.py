@@ -7,14 +7,7 @@ import torch
 from ssah_plugin.core.mask import CLASS_CODES, Mask
 from ssah_plugin.core.units import describe_units
 from ssah_plugin.io.tiny import tiny_model
-from ssah_plugin.locate.runner import (
-    LocateConfig,
-    build_mask,
-    choose_sizes,
-    classify,
-    reclassify,
-    standardize,
-)
+from ssah_plugin.locate import LocateConfig, build_mask, choose_sizes, classify, reclassify, standardize
 
 SCU, UCU, CU, RU = (CLASS_CODES[k] for k in ("SCU", "UCU", "CU", "RU"))
 

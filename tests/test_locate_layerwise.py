@@ -6,8 +6,8 @@ import torch
 
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.locate.layerwise import ShardReader, checkpoint_bytes, locate_layerwise
-from ssah_plugin.locate.runner import LocateConfig, locate, locate_pretrained
+from ssah_plugin.locate import LocateConfig, locate, locate_layerwise, locate_pretrained
+from ssah_plugin.locate.layerwise import checkpoint_bytes, open_weights
 
 CFG = dict(max_samples=5, batch_size=2, max_length=80, progress=False)
 
@@ -59,4 +59,4 @@ def test_layerwise_refuses_generation_options_and_bin_checkpoints(tmp_path, tok)
     with pytest.raises(UnsupportedSetupError, match="own_refusals and auto"):
         locate_layerwise(tmp_path, tok, safety="x", utility="y", config=LocateConfig(own_refusals=True))
     with pytest.raises(UnsupportedSetupError, match="safetensors"):
-        ShardReader(tmp_path)
+        open_weights(tmp_path)

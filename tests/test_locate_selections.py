@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from ssah_plugin.core.mask import CLASS_CODES, Mask
 from ssah_plugin.core.policies import PolicyError, resolve_policy
 from ssah_plugin.core.units import describe_units
-from ssah_plugin.data.rows import load_pairs
+from ssah_plugin.data.chat import chat_pair_ids, chat_prompt
+from ssah_plugin.data.rows import fit_pair, load_pairs
 from ssah_plugin.errors import DataError, UnsupportedSetupError
-from ssah_plugin.evaluation.generation import chat_pair_ids, chat_prompt
 from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
-from ssah_plugin.locate.runner import LocateConfig, locate, standardize
+from ssah_plugin.locate import LocateConfig, locate, standardize
 
 SAFETY = load_pairs("shipped:safety_refusals.jsonl", max_samples=40, seed=3)
 UTILITY = load_pairs("shipped:benign_instructions.jsonl", max_samples=12, seed=3)
@@ -133,12 +133,8 @@ def _mean_response_ce(model, tok, pairs, max_length=96):
     """Mean cross-entropy over all response tokens of ``pairs``, one sequence at a time."""
     losses = []
     for p, r in pairs:
-        p_ids, r_ids = chat_pair_ids(tok, p, r)
-        ids = (p_ids + r_ids)
-        if len(ids) > max_length:
-            r_ids = r_ids[:max(max_length // 2, max_length - len(p_ids))]
-            p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)):]
-            ids = p_ids + r_ids
+        p_ids, r_ids, _ = fit_pair(*chat_pair_ids(tok, p, r), max_length)  # the one truncation rule
+        ids = p_ids + r_ids
         logits = model(input_ids=torch.tensor([ids])).logits[0]
         start = len(p_ids) - 1
         losses.append(F.cross_entropy(logits[start:len(ids) - 1].float(), torch.tensor(ids[start + 1:]),
@@ -417,7 +413,7 @@ def test_golden_mask_unchanged_by_selection_policies():
 
 
 def test_layerwise_mode_refuses_selections(tok, tmp_path):
-    from ssah_plugin.locate.runner import locate_pretrained
+    from ssah_plugin.locate import locate_pretrained
 
     with pytest.raises(UnsupportedSetupError, match="whole model in memory.*--layerwise off"):
         locate_pretrained("tiny:llama", safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS,
@@ -425,7 +421,7 @@ def test_layerwise_mode_refuses_selections(tok, tmp_path):
     with pytest.raises(UnsupportedSetupError, match="whole model in memory"):
         locate_pretrained(str(tmp_path), safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS, task=TASK_PAIRS,
                           config=_cfg(layerwise="on"))
-    from ssah_plugin.locate.layerwise import locate_layerwise
+    from ssah_plugin.locate import locate_layerwise
 
     with pytest.raises(UnsupportedSetupError, match="decision units need the whole model"):
         locate_layerwise(str(tmp_path), safety=HARMFUL_PAIRS, utility=BENIGN_PAIRS, config=_cfg(decision_units=True))

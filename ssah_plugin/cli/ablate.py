@@ -42,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ssah_plugin.core.mask import Mask
-    from ssah_plugin.evaluation.evaluate import load_benign, load_harmful
+    from ssah_plugin.data.eval_sets import load_benign, load_harmful
     from ssah_plugin.io.model_path import check_model_path
     from ssah_plugin.io.models import load_model, resolve_device
-    from ssah_plugin.locate.runner import ablation_study
+    from ssah_plugin.locate.ablation import ablation_study
 
     check_model_path(args.model)
     mask = Mask.load(args.mask)

@@ -71,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
         sft_examples,
     )
     from ssah_plugin.errors import DataError
-    from ssah_plugin.evaluation.evaluate import attack_success_rate, benign_loss
     from ssah_plugin.evaluation.judge import RefusalJudge
+    from ssah_plugin.evaluation.metrics import attack_success_rate, benign_loss
     from ssah_plugin.evaluation.verify import verify_checkpoint
     from ssah_plugin.hosts.callback import SSAHCallback
     from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
-    from ssah_plugin.locate.runner import LocateConfig, locate
+    from ssah_plugin.locate import LocateConfig, locate
     from ssah_plugin.recipes.replay import collect_refusals, with_refusal_replay
 
     out = Path(args.out)

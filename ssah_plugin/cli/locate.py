@@ -1,8 +1,24 @@
-"""``ssah-plugin locate``: score and classify every unit of a model, write the mask file."""
+"""``ssah-plugin locate``: score and classify every unit of a model, write the mask file.
+
+The options are :class:`ssah_plugin.locate.config.LocateConfig`'s fields (defaults and help texts from the
+dataclass), plus the data sources, ``--task-data``, ``-o`` and ``--json``.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
+from typing import Literal
+
+from ssah_plugin.errors import DataError
+from ssah_plugin.locate.config import (
+    CHOICES,
+    DEFAULT_SHIPPED_SAFETY,
+    DEFAULT_SHIPPED_UTILITY,
+    SELECTIONS,
+    LocateConfig,
+)
 
 HELP = "find the safety-critical units of a model (SCU/UCU/CU/RU) and write a mask file"
 EPILOG = """examples:
@@ -28,103 +44,78 @@ def _grid(text: str) -> tuple[float, ...]:
     return tuple(_fraction(t) for t in text.split(",") if t.strip())
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ssah_plugin.locate.runner import (
-        DEFAULT_SHIPPED_SAFETY,
-        DEFAULT_SHIPPED_UTILITY,
-    )
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip().upper() for t in text.split(",") if t.strip())
 
+
+def _samples(text: str) -> int | None:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of rows >= 1, or 0 for all")
+    return n or None
+
+
+#: LocateConfig field metadata ``kind`` -> argparse type
+_PARSERS = {"fraction": _fraction, "fractions": _grid, "names": _names, "samples": _samples}
+
+
+def _shown(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One option per :class:`LocateConfig` field (``max_samples`` -> ``--max-samples``), with the field's default,
+    help text, choices and parser from its metadata; returns the argument groups by title."""
+    hints = typing.get_type_hints(LocateConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(LocateConfig):
+        meta = f.metadata
+        title = meta["group"]
+        g = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        flag = "--" + f.name.replace("_", "-")
+        text = meta["help"].replace("%", "%%")
+        if isinstance(f.default, bool):
+            if f.default:
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=True, help=text)
+            else:
+                g.add_argument(flag, dest=f.name, action="store_true", help=text)
+            continue
+        if meta["kind"]:
+            parse = _PARSERS[meta["kind"]]
+        else:
+            hint = hints[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            parse = type(args[0]) if typing.get_origin(hint) is Literal else (args[0] if args else hint)
+        if f.default is not None:
+            text += f" (default: {_shown(f.default).replace('%', '%%')})"
+        g.add_argument(flag, dest=f.name, type=parse, choices=CHOICES.get(f.name), default=f.default, help=text)
+    return groups
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF folder, hub name, or tiny:<family> (tests/demo)")
     p.add_argument("--tokenizer", help="tokenizer folder/name if it differs from --model")
     p.add_argument("--safety", default=DEFAULT_SHIPPED_SAFETY, help="safety data: prompt/response rows (refusals)")
     p.add_argument("--utility", default=DEFAULT_SHIPPED_UTILITY, help="utility data: instruction/input/output rows")
     p.add_argument("-o", "--output", required=True, help="mask file to write (.safetensors)")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--max-samples", type=int, default=128, help="rows drawn from each data set (default 128; 0=all)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-length", type=int, help="truncate conversations to this many tokens")
-    g.add_argument("--tokens", choices=("response", "all"), default="response",
-                   help="positions counted: those predicting response tokens (default) or all non-padding ones")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--own-refusals", action="store_true",
-                   help="generate the model's replies to the safety prompts and keep its refusals")
-    g.add_argument("--refusal-max-new-tokens", type=int, default=64)
-    for which, fields in (("safety", ("prompt", "response")), ("utility", ("prompt", "response", "input"))):
-        for f in fields:
-            g.add_argument(f"--{which}-{f}-field", help=f"column holding the {which} {f} (default: auto-detect)")
-    s = p.add_argument_group("scores and classes")
-    s.add_argument("--granularity", choices=("channel", "head"), default="channel", help="attention unit size")
-    s.add_argument("--standardize", choices=("group", "global", "none"), default="group",
-                   help="z-score per unit group (default), over all units, or none")
-    s.add_argument("--scu", type=_fraction, default=0.013, help="SCU fraction of all units (default 1.3%%)")
-    s.add_argument("--ucu", type=_fraction, default=0.133, help="UCU fraction (default 13.3%%)")
-    s.add_argument("--ru", type=_fraction, default=0.148, help="RU fraction (default 14.8%%)")
-    s.add_argument("--class-order", default="SCU,RU,UCU", help="order in which classes pick units (default SCU,RU,UCU)")
-    a = p.add_argument_group("automatic sizes (ablation sweep on held-apart data)")
-    a.add_argument("--auto", action="store_true", help="choose SCU and RU sizes by zeroing candidates")
-    a.add_argument("--auto-holdout", type=int, default=32, help="rows of each data set held apart")
-    a.add_argument("--auto-scu-grid", type=_grid, help="SCU sizes to try, e.g. 0.005,0.01,0.02")
-    a.add_argument("--auto-ru-grid", type=_grid, help="RU sizes to try, e.g. 0.05,0.1,0.2")
-    a.add_argument("--auto-refusal-drop", type=float, default=0.5)
-    a.add_argument("--auto-utility-tolerance", type=float, default=0.05)
-    a.add_argument("--auto-ru-refusal-tolerance", type=float, default=0.05)
-    x = p.add_argument_group("extra unit selections (policies decision:F, conflict:F, scu+decision:F, ...)")
-    x.add_argument("--decision-units", action="store_true",
-                   help="score decision units: harmful vs benign separation at the last prompt token")
-    x.add_argument("--decision-fraction", type=_fraction, default=0.05,
-                   help="fraction of all units in the stored 'decision' set (default 5%%)")
-    x.add_argument("--decision-weight", choices=("norm", "none"), default="norm",
-                   help="Cohen's d times ||W[:, j]|| (default) or d alone")
-    x.add_argument("--task-data", metavar="FILE",
-                   help="sample of your training data (prompt/response rows): scores task-conflict units")
-    x.add_argument("--conflict-fraction", type=_fraction, default=0.05,
-                   help="fraction of all units in the stored 'conflict' set (default 5%%)")
-    x.add_argument("--task-max-samples", type=int, default=128, help="task rows drawn (default 128; 0=all)")
-    for f in ("prompt", "response", "input"):
-        x.add_argument(f"--task-{f}-field", help=f"column holding the task {f} (default: auto-detect)")
-    r = p.add_argument_group("resources")
-    r.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
-    r.add_argument("--layerwise", choices=("auto", "on", "off"), default="auto",
-                   help="one decoder layer in memory at a time (auto: when the model would not fit)")
-    r.add_argument("--no-progress", action="store_true")
+    groups = add_config_arguments(p)
+    groups[SELECTIONS].add_argument(
+        "--task-data", metavar="FILE", help="sample of your training data (prompt/response rows): scores "
+        "task-conflict units")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def config_from_args(args: argparse.Namespace):
-    from ssah_plugin.locate.runner import LocateConfig
-
-    kw = dict(
-        max_samples=args.max_samples or None, batch_size=args.batch_size, max_length=args.max_length,
-        tokens=args.tokens, granularity=args.granularity, standardize=args.standardize, scu=args.scu, ucu=args.ucu,
-        ru=args.ru, class_order=tuple(c.strip().upper() for c in args.class_order.split(",")), seed=args.seed,
-        own_refusals=args.own_refusals, refusal_max_new_tokens=args.refusal_max_new_tokens, device=args.device,
-        dtype=args.dtype, layerwise=args.layerwise, progress=not args.no_progress,
-        safety_prompt_field=args.safety_prompt_field, safety_response_field=args.safety_response_field,
-        utility_prompt_field=args.utility_prompt_field, utility_response_field=args.utility_response_field,
-        utility_input_field=args.utility_input_field, auto=args.auto, auto_holdout=args.auto_holdout,
-        auto_refusal_drop=args.auto_refusal_drop, auto_utility_tolerance=args.auto_utility_tolerance,
-        auto_ru_refusal_tolerance=args.auto_ru_refusal_tolerance,
-        decision_units=args.decision_units, decision_fraction=args.decision_fraction,
-        decision_weight=args.decision_weight, conflict_fraction=args.conflict_fraction,
-        task_max_samples=args.task_max_samples or None, task_prompt_field=args.task_prompt_field,
-        task_response_field=args.task_response_field, task_input_field=args.task_input_field,
-    )
-    if args.auto_scu_grid:
-        kw["auto_scu_grid"] = args.auto_scu_grid
-    if args.auto_ru_grid:
-        kw["auto_ru_grid"] = args.auto_ru_grid
+def config_from_args(args: argparse.Namespace) -> LocateConfig:
+    """The :class:`LocateConfig` of the parsed options; invalid combinations are a :class:`DataError`."""
     try:
-        return LocateConfig(**kw)
+        return LocateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LocateConfig)})
     except ValueError as exc:
-        from ssah_plugin.errors import DataError
-
         raise DataError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from ssah_plugin.io.model_path import check_model_path, check_output_file
-    from ssah_plugin.locate.runner import locate_pretrained
+    from ssah_plugin.locate.runner import locate_pretrained  # loads transformers: only when the command runs
 
     check_output_file(args.output, what="--output")  # before the work, not after it
     check_model_path(args.model)

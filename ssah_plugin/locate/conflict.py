@@ -33,11 +33,19 @@ import logging
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.plan import find_weight
+from ssah_plugin.core.selections import CONFLICT_COS, CONFLICT_DOT, store_selection
 from ssah_plugin.core.units import UnitGroup, unwrap_model
 from ssah_plugin.data.rows import EncodedPair, Pair, encode_pairs
 from ssah_plugin.errors import DataError, UnsupportedSetupError
+from ssah_plugin.io.models import max_positions, model_device, pad_id_of
+from ssah_plugin.locate.config import LocateConfig
+from ssah_plugin.locate.inputs import as_pairs, length_limit, source_name
+from ssah_plugin.locate.stats import batches, n_batches, progress_bar
 
 __all__ = ["loss_gradients", "conflict_scores", "add_conflict_units", "load_task_pairs"]
 
@@ -45,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 
 def _unit_params(root: nn.Module, groups: Sequence[UnitGroup]) -> dict[str, nn.Parameter]:
-    from ssah_plugin.core.plan import find_weight
-
     params: dict[str, nn.Parameter] = {}
     for g in groups:
         for s in g.slices:
@@ -73,11 +79,6 @@ def loss_gradients(model: nn.Module, groups: Sequence[UnitGroup], encoded: Seque
     the batching). Returns ``({param name: float32 gradient}, loss)``. One forward and one backward per batch;
     nothing is changed on the model (flags, ``.grad``, training mode restored).
     """
-    import torch.nn.functional as F
-
-    from ssah_plugin.io.models import model_device as _model_device
-    from ssah_plugin.locate.runner import _progress, batches, n_batches
-
     root = unwrap_model(model)
     params = _unit_params(root, groups)
     total = sum(sum(e.count) for e in encoded)
@@ -87,7 +88,7 @@ def loss_gradients(model: nn.Module, groups: Sequence[UnitGroup], encoded: Seque
     flags = [p.requires_grad for p in all_params]
     grads = [p.grad for p in all_params]
     was_training = root.training
-    device = _model_device(root)
+    device = model_device(root)
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     loss_sum = 0.0
     try:
@@ -97,8 +98,8 @@ def loss_gradients(model: nn.Module, groups: Sequence[UnitGroup], encoded: Seque
         for p in params.values():
             p.requires_grad_(True)
         root.eval()
-        for ids, att, cnt in _progress(batches(encoded, batch_size, pad_id, device),
-                                       n_batches(len(encoded), batch_size), desc, progress):
+        for ids, att, cnt in progress_bar(batches(encoded, batch_size, pad_id, device),
+                                          n_batches(len(encoded), batch_size), desc, progress):
             logits = root(input_ids=ids, attention_mask=att, use_cache=False).logits
             sel = cnt[:, :-1]  # position t predicts token t + 1
             loss = F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel], reduction="sum") / total
@@ -144,35 +145,29 @@ def conflict_scores(groups: Sequence[UnitGroup], g_task: dict[str, torch.Tensor]
     return dots, coss
 
 
-def load_task_pairs(task, cfg) -> list[Pair]:
+def load_task_pairs(task, cfg: LocateConfig) -> list[Pair]:
     """The task sample: ``cfg.task_max_samples`` rows (seeded) of a file / ``shipped:`` / hub name / list of rows or
     ``(prompt, response)`` tuples; :class:`DataError` naming the task data for anything empty or unusable."""
-    from ssah_plugin.locate.runner import _as_pairs
-
     if isinstance(task, (list, tuple)) and not task:
         raise DataError("task data is empty: give prompt/response rows of your training data (--task-data FILE)")
     try:
-        return _as_pairs(task, what="task", prompt_field=cfg.task_prompt_field,
-                         response_field=cfg.task_response_field, input_field=cfg.task_input_field,
-                         max_samples=cfg.task_max_samples, seed=cfg.seed)
+        return as_pairs(task, what="task", prompt_field=cfg.task_prompt_field,
+                        response_field=cfg.task_response_field, input_field=cfg.task_input_field,
+                        max_samples=cfg.task_max_samples, seed=cfg.seed)
     except DataError as exc:
         raise DataError(f"task data (--task-data): {exc}") from None
 
 
-def add_conflict_units(model: nn.Module, tokenizer, mask, safety_pairs: Sequence[Pair], task, cfg):
+def add_conflict_units(model: nn.Module, tokenizer, mask: Mask, safety_pairs: Sequence[Pair], task,
+                       cfg: LocateConfig) -> Mask:
     """Score task-conflict units and add them to ``mask`` in place (scores ``conflict_dot`` / ``conflict_cos``,
     stored set ``conflict`` = the ``cfg.conflict_fraction`` most negative ``conflict_dot``,
     ``method["selections"]["conflict"]``). Two forward + backward passes per batch set; weights unchanged."""
-    from ssah_plugin.core.selections import CONFLICT_COS, CONFLICT_DOT, store_selection
-    from ssah_plugin.locate.runner import _source_name, max_positions, pad_id_of
-
     root = unwrap_model(model)
     task_pairs = load_task_pairs(task, cfg)
-    maxpos = max_positions(root)
-    enc_t = encode_pairs(tokenizer, task_pairs, tokens="response", max_length=cfg.max_length, max_positions=maxpos,
-                         where="task data")
-    enc_r = encode_pairs(tokenizer, list(safety_pairs), tokens="response", max_length=cfg.max_length,
-                         max_positions=maxpos, where="safety data")
+    limit = length_limit(cfg.max_length, max_positions(root))
+    enc_t = encode_pairs(tokenizer, task_pairs, tokens="response", max_length=limit, where="task data")
+    enc_r = encode_pairs(tokenizer, list(safety_pairs), tokens="response", max_length=limit, where="safety data")
     pad = pad_id_of(tokenizer)
     g_t, loss_t = loss_gradients(root, mask.groups, enc_t, batch_size=cfg.batch_size, pad_id=pad,
                                  desc="conflict task", progress=cfg.progress)
@@ -182,7 +177,7 @@ def add_conflict_units(model: nn.Module, tokenizer, mask, safety_pairs: Sequence
     del g_t, g_r
     flat = torch.cat(dots)
     method = {
-        "task_source": _source_name(task), "n_task": len(enc_t), "task_tokens": sum(sum(e.count) for e in enc_t),
+        "task_source": source_name(task), "n_task": len(enc_t), "task_tokens": sum(sum(e.count) for e in enc_t),
         "n_refusal": len(enc_r), "refusal_tokens": sum(sum(e.count) for e in enc_r),
         "task_loss": loss_t, "refusal_loss": loss_r,
         "score": "<g_task_u, g_refusal_u> over the unit's slices (conflict_dot); cosine stored as conflict_cos",

@@ -3,7 +3,7 @@
 The refusal decision is taken at the **end of the prompt**: the last token of the chat-formatted prompt with the
 generation prompt (``add_generation_prompt=True``), i.e. the position whose output predicts the first reply token.
 For every unit channel ``j`` (input channel ``j`` of an output projection ``B``: ``down_proj`` / ``o_proj`` /
-GPT-2 ``c_proj``, the same channels :mod:`ssah_plugin.locate.runner` scores) we take the activation ``x_j`` there, one
+GPT-2 ``c_proj``, the same channels :mod:`ssah_plugin.locate.scores` scores) we take the activation ``x_j`` there, one
 value per prompt, over ``n_H`` distinct harmful prompts (the safety data's prompts) and ``n_B`` distinct benign
 prompts (the utility data's prompts), and score the standardised mean difference (Cohen's d with pooled std)
 
@@ -16,9 +16,10 @@ writes into the residual stream): ``decision_j = d_j * ||W_B[:, j]||_2`` (``deci
 locate). Scores are stored raw (``decision``) and standardised with ``LocateConfig.standardize``
 (``decision_z``, the ranking of the ``decision:F`` policies, :mod:`ssah_plugin.core.selections`).
 
-Statistics are forward-only and exact in float64: the forward pre-hooks of :class:`ssah_plugin.locate.runner.StatsCollector`
-count exactly one position per prompt (its last), so the per-channel means and M2 are those of the prompt-end
-activations. Duplicate prompts are counted once (``safety_refusals.jsonl`` repeats prompts with several refusals).
+Statistics are forward-only: the forward pre-hooks of :class:`ssah_plugin.locate.stats.StatsCollector` count
+exactly one position per prompt (its last), so the per-channel means and M2 are those of the prompt-end
+activations (per-batch moments in float32, merged in float64, as for the fluctuation score). Duplicate prompts
+are counted once (``safety_refusals.jsonl`` repeats prompts with several refusals).
 """
 from __future__ import annotations
 
@@ -29,9 +30,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.selections import DECISION, DECISION_Z, store_selection
 from ssah_plugin.core.units import UnitGroup, unwrap_model
-from ssah_plugin.data.rows import EncodedPair
+from ssah_plugin.data.chat import chat_prompt
+from ssah_plugin.data.rows import EncodedPair, fit_pair, warn_truncated
 from ssah_plugin.errors import DataError
+from ssah_plugin.io.models import max_positions, pad_id_of
+from ssah_plugin.locate.config import LocateConfig
+from ssah_plugin.locate.inputs import length_limit
+from ssah_plugin.locate.scores import column_norms2, layout_of, standardize, unit_scores
+from ssah_plugin.locate.stats import collect_stats
 
 __all__ = ["prompt_end_examples", "decision_channel_scores", "decision_scores", "add_decision_units"]
 
@@ -59,22 +68,25 @@ def prompt_end_examples(tokenizer, prompts: Sequence[Any], *, max_length: int | 
     """Chat-formatted prompts (``add_generation_prompt=True``, no special tokens added, as
     :func:`ssah_plugin.evaluation.generation.generate` feeds them) with only the last position counted.
 
-    A prompt longer than ``max_length`` keeps its end (the generation prompt); without ``max_length`` one longer
-    than ``max_positions`` raises :class:`DataError`.
+    A prompt longer than ``max_length`` keeps its end (the generation prompt: :func:`ssah_plugin.data.rows.fit_pair`
+    with no response; one warning per call); without ``max_length`` one longer than ``max_positions`` raises
+    :class:`DataError`.
     """
-    from ssah_plugin.evaluation.generation import chat_prompt
-
     out = []
+    n_cut = 0
     for i, p in enumerate(prompts):
         ids = list(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
         if max_length is not None and len(ids) > max_length:
-            ids = ids[len(ids) - max_length:]
+            ids, _, _ = fit_pair(ids, [], max_length)
+            n_cut += 1
         elif max_positions is not None and len(ids) > max_positions:
             raise DataError(f"{where}: prompt {i} is {len(ids)} tokens long after the chat template, more than the "
                             f"model's {max_positions} positions; pass --max-length {max_positions} to truncate")
         if not ids:
             raise DataError(f"{where}: prompt {i} is empty after the chat template")
         out.append(EncodedPair(ids, [False] * (len(ids) - 1) + [True]))
+    if max_length is not None:
+        warn_truncated(n_cut, len(out), max_length, where)
     return out
 
 
@@ -85,8 +97,6 @@ def decision_channel_scores(mean_h: torch.Tensor, m2_h: torch.Tensor, n_h: int, 
 
     ``m2`` are sums of squared deviations from the group mean; ``s_pooled^2 = (m2_H + m2_B) / (n_H + n_B - 2)``.
     """
-    from ssah_plugin.locate.runner import column_norms2
-
     if n_h + n_b < 3:
         raise DataError(f"decision units need at least 3 prompts in all (got {n_h} harmful, {n_b} benign)")
     diff = (mean_h.double().cpu() - mean_b.double().cpu()).abs()
@@ -99,30 +109,21 @@ def decision_channel_scores(mean_h: torch.Tensor, m2_h: torch.Tensor, n_h: int, 
 
 
 def decision_scores(model: nn.Module, tokenizer, groups: Sequence[UnitGroup], harmful: Sequence[Any],
-                    benign: Sequence[Any], cfg) -> tuple[list[torch.Tensor], dict]:
+                    benign: Sequence[Any], cfg: LocateConfig) -> tuple[list[torch.Tensor], dict]:
     """Raw per-unit decision scores (one tensor per group) and counts for the mask's method.
 
     ``harmful`` / ``benign`` are prompts (strings or message lists); duplicates are dropped. Runs two forward
     passes over the prompts (no LM head, no backward).
     """
-    from ssah_plugin.locate.runner import (
-        _layout_of,
-        collect_stats,
-        max_positions,
-        pad_id_of,
-        unit_scores,
-    )
-
     root = unwrap_model(model)
     h, b = distinct_prompts(harmful), distinct_prompts(benign)
     if len(h) < 2 or len(b) < 2:
         raise DataError(f"decision units need at least 2 distinct harmful and 2 distinct benign prompts (got "
                         f"{len(h)} and {len(b)}); give more safety / utility rows (--max-samples)")
-    pad, maxpos = pad_id_of(tokenizer), max_positions(root)
+    pad, limit = pad_id_of(tokenizer), length_limit(cfg.max_length, max_positions(root))
     stats = {}
     for what, prompts in (("harmful", h), ("benign", b)):
-        enc = prompt_end_examples(tokenizer, prompts, max_length=cfg.max_length, max_positions=maxpos,
-                                  where=f"decision units, {what} prompts")
+        enc = prompt_end_examples(tokenizer, prompts, max_length=limit, where=f"decision units, {what} prompts")
         stats[what] = collect_stats(root, groups, enc, batch_size=cfg.batch_size, pad_id=pad,
                                     desc=f"decision {what}", progress=cfg.progress).stats
     per_module = {}
@@ -130,18 +131,16 @@ def decision_scores(model: nn.Module, tokenizer, groups: Sequence[UnitGroup], ha
         sh, sb = stats["harmful"][name], stats["benign"][name]
         w = root.get_submodule(name).weight if cfg.decision_weight == "norm" else None
         per_module[name] = decision_channel_scores(sh.mean, sh.m2, sh.n, sb.mean, sb.m2, sb.n, w,
-                                                   _layout_of(groups, name))
+                                                   layout_of(groups, name))
     raw = [unit_scores(g, per_module[g.score_module]) for g in groups]
     info = {"n_harmful_prompts": len(h), "n_benign_prompts": len(b)}
     return raw, info
 
 
-def add_decision_units(model: nn.Module, tokenizer, mask, harmful: Sequence[Any], benign: Sequence[Any], cfg):
+def add_decision_units(model: nn.Module, tokenizer, mask: Mask, harmful: Sequence[Any], benign: Sequence[Any],
+                       cfg: LocateConfig) -> Mask:
     """Score decision units on ``model`` and add them to ``mask`` in place (scores ``decision``/``decision_z``,
     stored set ``decision`` = top ``cfg.decision_fraction``, ``method["selections"]["decision"]``)."""
-    from ssah_plugin.core.selections import DECISION, DECISION_Z, store_selection
-    from ssah_plugin.locate.runner import standardize
-
     raw, info = decision_scores(model, tokenizer, mask.groups, harmful, benign, cfg)
     z = standardize(raw, cfg.standardize)
     method = dict(info, position="last prompt token (chat template, add_generation_prompt=True)",

@@ -6,7 +6,7 @@ embeddings and whatever sits before the first layer), and records, with every de
 pass-through recorder, the exact keyword arguments each layer receives for each calibration batch (attention masks,
 rotary embeddings, per-layer-type masks of Gemma-2/3). It then walks the layers: load layer ``i``'s weights lazily
 from the safetensors shards, run the safety and utility hidden states through it with the statistics hooks of
-:mod:`ssah_plugin.locate.runner`, compute the scores, and drop the weights again. Peak memory is about one layer plus the
+:mod:`ssah_plugin.locate.stats`, compute the scores, and drop the weights again. Peak memory is about one layer plus the
 calibration activations (``samples x tokens x hidden`` per data set), and the scores equal whole-model mode
 (same operations on the same inputs; tested bitwise on tiny models, single file and sharded).
 
@@ -14,89 +14,63 @@ Hooks run during each layer's forward call; nothing runs backward.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
-from typing import Any, Sequence
+import re
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ssah_plugin.core.mask import Mask, fingerprint_samples
 from ssah_plugin.core.units import _layers, describe_units, find_arch_spec
-from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.errors import DataError, UnsupportedSetupError
+from ssah_plugin.io.checkpoint import SafetensorsCheckpoint
+from ssah_plugin.io.models import max_positions, pad_id_of, resolve_device
+from ssah_plugin.locate.config import LocateConfig
+from ssah_plugin.locate.inputs import prepare_data
+from ssah_plugin.locate.scores import build_mask, channel_scores, unit_scores
+from ssah_plugin.locate.stats import StatsCollector, counted_batches, progress_bar
 
-__all__ = ["locate_layerwise", "ShardReader", "checkpoint_bytes", "memory_available"]
+__all__ = ["locate_layerwise", "checkpoint_bytes", "memory_available"]
 
 logger = logging.getLogger(__name__)
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
+
+def _itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a stored dtype (a safetensors code such as ``"F8_E4M3"`` when torch has no match)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    bits = re.search(r"\d+", dtype)
+    return max(int(bits.group()) // 8, 1) if bits else 4
 
 
-class ShardReader:
-    """Lazy access to the tensors of a safetensors checkpoint (one file or shards with an index)."""
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        single = self.folder / "model.safetensors"
-        if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                self.where = {k: self.folder / v for k, v in json.load(f)["weight_map"].items()}
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.where = {k: single for k in f.keys()}
-        else:
-            raise UnsupportedSetupError(
-                f"{str(self.folder)!r} has no model.safetensors or model.safetensors.index.json; layer-by-layer "
-                "locate reads safetensors only. Convert once: AutoModelForCausalLM.from_pretrained(...)"
-                ".save_pretrained(out, safe_serialization=True)"
-            )
-        self._open: dict[Path, Any] = {}
-
-    def key_for(self, name: str, prefix: str) -> str | None:
-        """The checkpoint key of model parameter ``name`` (also tried without / with the base-model prefix)."""
-        cands = [name]
-        if prefix and name.startswith(prefix + "."):
-            cands.append(name[len(prefix) + 1:])
-        elif prefix:
-            cands.append(f"{prefix}.{name}")
-        return next((c for c in cands if c in self.where), None)
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.where[key]
-        handle = self._open.get(path)
-        if handle is None:
-            handle = self._open[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(key)
-
-    def close(self) -> None:
-        self._open.clear()
+def open_weights(folder: str | os.PathLike) -> SafetensorsCheckpoint:
+    """The checkpoint reader for layer-by-layer mode (:class:`ssah_plugin.io.checkpoint.SafetensorsCheckpoint`),
+    with the set-up error this mode gives for a folder without safetensors weights."""
+    try:
+        return SafetensorsCheckpoint(folder)
+    except DataError as exc:
+        raise UnsupportedSetupError(
+            f"layer-by-layer locate reads safetensors weights only: {exc}. Convert once: "
+            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(out, safe_serialization=True), or pass "
+            "--layerwise off"
+        ) from None
 
 
 def checkpoint_bytes(folder: str | os.PathLike, itemsize: int | None = None) -> int | None:
     """Bytes the checkpoint's weights take in memory (with ``itemsize`` bytes per element if given); None if the
-    folder holds no safetensors."""
-    from safetensors import safe_open
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
+    folder holds no readable safetensors weights."""
+    try:
+        ckpt = SafetensorsCheckpoint(folder)
+    except DataError:
         return None
     total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * (itemsize or _ITEMSIZE.get(sl.get_dtype(), 4))
+    for k in ckpt.keys():
+        n = 1
+        for d in ckpt.shape(k):
+            n *= d
+        total += n * (itemsize or _itemsize(ckpt.dtype(k)))
     return total
 
 
@@ -140,15 +114,14 @@ def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[pname] = nn.Parameter(value, requires_grad=False)
 
 
-def _load_params(root: nn.Module, names: Sequence[str], reader: ShardReader, prefix: str, device, dtype,
+def _load_params(root: nn.Module, names: Sequence[str], reader: SafetensorsCheckpoint, device, dtype,
                  what: str) -> dict[str, torch.Tensor]:
     missing, loaded = [], {}
     for name in names:
-        key = reader.key_for(name, prefix)
-        if key is None:
+        if reader.resolve(name) is None:
             missing.append(name)
             continue
-        t = reader.get(key)
+        t = reader.get(name)
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         _set_param(root, name, t)
         loaded[name] = t
@@ -161,17 +134,17 @@ def _load_params(root: nn.Module, names: Sequence[str], reader: ShardReader, pre
 
 
 @torch.no_grad()
-def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utility, config=None) -> Mask:
-    """:func:`ssah_plugin.locate.runner.locate` for a local safetensors checkpoint, one decoder layer in memory at a time.
+def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utility,
+                     config: LocateConfig | None = None) -> Mask:
+    """:func:`ssah_plugin.locate.runner.locate` for a local safetensors checkpoint, one decoder layer in memory at a
+    time.
 
     Not available with ``own_refusals`` or ``auto`` (both need the whole model to generate text).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import ssah_plugin.locate.runner as L
-
-    cfg = config or L.LocateConfig()
+    cfg = config or LocateConfig()
     if cfg.own_refusals or cfg.auto:
         raise UnsupportedSetupError(
             "own_refusals and auto mode generate text with the whole model, which layer-by-layer mode never holds; "
@@ -181,7 +154,7 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
         raise UnsupportedSetupError("decision units need the whole model in memory; pass --layerwise off, or drop "
                                     "--decision-units")
     folder = str(folder)
-    device = L.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     hf_config = AutoConfig.from_pretrained(folder)
     if cfg.dtype:
         dtype = getattr(torch, cfg.dtype)
@@ -201,19 +174,17 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
             if buf is not None and buf.device.type != "meta":
                 mod._buffers[bname] = buf.to(device)
     groups = describe_units(model, cfg.granularity)
-    reader = ShardReader(folder)
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    reader = open_weights(folder)
     body = getattr(model, "base_model", model)
     body_prefix = next((n for n, m in model.named_modules() if m is body), "")
     layer_prefix = layers_path + "."
     # weights outside the decoder layers that the body uses (embeddings, final norm); never the LM head
     outer = [n for n, _ in model.named_parameters()
              if not n.startswith(layer_prefix) and (not body_prefix or n.startswith(body_prefix + "."))]
-    _load_params(model, outer, reader, prefix, device, dtype, "the embeddings")
+    _load_params(model, outer, reader, device, dtype, "the embeddings")
 
-    enc_s, enc_u, info = L.prepare_data(model, tokenizer, safety, utility, cfg, L.max_positions(model))
-    info.pop("_held")
-    pad = L.pad_id_of(tokenizer)
+    data = prepare_data(model, tokenizer, safety, utility, cfg, max_positions(model))
+    pad = pad_id_of(tokenizer)
     # ---- record each layer's inputs, per data set and batch ------------------------------------------------------
     calls = [[] for _ in range(len(layers))]
     originals = list(layers)
@@ -221,19 +192,19 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
         layers[i] = _Recorder(originals[i], calls[i])
     sets: dict[str, dict] = {}
     try:
-        for what, enc in (("safety", enc_s), ("utility", enc_u)):
+        for what, enc in (("safety", data.safety), ("utility", data.utility)):
             hidden, selects = [], []
             first = len(calls[0])
-            for ids, att, cnt in L.batches(enc, cfg.batch_size, pad, device):
+            for ids, att, index in counted_batches(enc, cfg.batch_size, pad, device):
                 captured: list = []
                 h0 = layers[0].register_forward_pre_hook(
-                    lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+                    lambda m, a, k, out=captured: out.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
                 try:
                     body(input_ids=ids, attention_mask=att, use_cache=False)
                 finally:
                     h0.remove()
                 hidden.append(captured[0])
-                selects.append(cnt.reshape(-1))
+                selects.append(index)
             sets[what] = {"hidden": hidden, "select": selects, "first": first}
     finally:
         for i in range(len(layers)):
@@ -244,14 +215,14 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
         by_layer.setdefault(g.layer, []).append(gi)
     raw = {"safety": [None] * len(groups), "utility": [None] * len(groups)}
     fingerprint: dict[str, torch.Tensor] = {}
-    for li in L._progress(range(len(layers)), len(layers), "locate layers", cfg.progress):
+    for li in progress_bar(range(len(layers)), len(layers), "locate layers", cfg.progress):
         layer = layers[li]
         names = [f"{layers_path}.{li}.{n}" for n, _ in layer.named_parameters()]
-        loaded = _load_params(model, names, reader, prefix, device, dtype, f"layer {li}")
+        loaded = _load_params(model, names, reader, device, dtype, f"layer {li}")
         lgroups = [groups[gi] for gi in by_layer.get(li, [])]
         for what in ("safety", "utility"):
             st = sets[what]
-            collector = L.StatsCollector(model, lgroups)
+            collector = StatsCollector(model, lgroups)
             with collector:
                 for b, h in enumerate(st["hidden"]):
                     args, kwargs = calls[li][st["first"] + b]
@@ -261,21 +232,19 @@ def locate_layerwise(folder: str | os.PathLike, tokenizer=None, *, safety, utili
             for gi in by_layer.get(li, []):
                 g = groups[gi]
                 w = loaded[f"{g.score_module}.weight"]
-                raw[what][gi] = L.unit_scores(g, L.channel_scores(collector.variance(g.score_module), w,
-                                                                   g.score_layout))
+                raw[what][gi] = unit_scores(g, channel_scores(collector.variance(g.score_module), w,
+                                                               g.score_layout))
         for gi in by_layer.get(li, []):
             for s in groups[gi].slices:
                 if s.name not in fingerprint and s.name in loaded:
                     fingerprint[s.name] = fingerprint_samples(loaded[s.name])
         layer.to("meta")  # drop the weights
-        del loaded
-        reader.close()  # unmap the shards: pages read so far would otherwise stay in the process's memory
-    reader.close()
+        del loaded  # the reader keeps no file open between reads: nothing of this layer stays mapped
     order = []
     for g in groups:  # first-appearance order, as Mask.empty_for
         for s in g.slices:
             if s.name not in order:
                 order.append(s.name)
     fingerprint = {n: fingerprint[n] for n in order if n in fingerprint}
-    return L.build_mask(model, groups, raw["safety"], raw["utility"], cfg, fingerprint=fingerprint,
-                        method_extra=dict(info, mode="layer-by-layer"))
+    return build_mask(model, groups, raw["safety"], raw["utility"], cfg, fingerprint=fingerprint,
+                      method_extra={"data": data.info, "mode": "layer-by-layer"})
