@@ -308,7 +308,8 @@ def test_setup_errors(tmp_path):
     with pytest.raises(UnsupportedSetupError, match="already has a compute_loss_func"):
         c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate,
                          compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum()))
-    c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
+    first = c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
+    assert c.trainer is first and first.compute_loss_func is c
     with pytest.raises(UnsupportedSetupError, match="another trainer"):
         c.attach(Trainer(model=model, args=_args(tmp_path), train_dataset=ds, data_collator=_collate))
     same = TokenwiseConstraint(model, copy=False)  # the trained model as its own reference

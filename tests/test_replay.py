@@ -82,7 +82,7 @@ def test_prompt_completion_conversational_and_text():
     with pytest.raises(DataError, match="tokenizer="):
         replay_rows(REFUSALS[:1], plain)
     row = replay_rows(REFUSALS[:1], plain, tokenizer=tok)[0]
-    from ssah_plugin.evaluation.generation import chat_prompt
+    from ssah_plugin.data.chat import chat_prompt
 
     assert row == {"prompt": chat_prompt(tok, REFUSALS[0][0]), "completion": REFUSALS[0][1]}
     row = replay_rows(REFUSALS[:1], {"text": "x"}, tokenizer=tok)[0]
@@ -99,8 +99,12 @@ def test_tokenized_rows_equal_sft_examples():
     assert all(r["labels"][0] == -100 and any(x != -100 for x in r["labels"]) for r in rows)
     with pytest.raises(DataError, match="max_length="):
         replay_rows(REFUSALS, like, tokenizer=tok)
-    with pytest.raises(DataError, match="Raise max_length"):
-        replay_rows(REFUSALS, like, tokenizer=tok, max_length=4)
+    # over-long rows follow the package's one truncation rule (data.rows.fit_pair): the refusal's start is kept
+    with pytest.warns(UserWarning, match="3 of 3 rows are longer than max_length=4"):
+        cut = replay_rows(REFUSALS, like, tokenizer=tok, max_length=4)
+    assert all(len(r["input_ids"]) == 4 and r["labels"][0] == -100 and -100 not in r["labels"][1:] for r in cut)
+    full = sft_examples(tok, REFUSALS, max_length=64, drop_unlabelled=False)
+    assert [r["labels"][1:] for r in cut] == [[x for x in f["labels"] if x != -100][:3] for f in full]
     with pytest.raises(DataError, match="tokenizer="):
         replay_rows(REFUSALS, like, max_length=64)
     with pytest.warns(UserWarning, match="no 'labels'"):

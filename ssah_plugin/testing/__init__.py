@@ -1,4 +1,4 @@
-"""Test support shared by the suite; only tests (and the GPU check script) import this package.
+"""Test support shared by the suite; only tests import this package.
 
 * :mod:`ssah_plugin.testing.oracles`: independent reference computations (dense boolean masks built from the mask
   file's indices, hand masking / restore, unbatched greedy decoding) that the tests compare the plugin against.
