@@ -20,10 +20,7 @@ Harmful text is never logged: errors and logs name rows by index and show at mos
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import json
 import logging
 import random
 import warnings
@@ -34,7 +31,8 @@ from typing import Any
 
 from ssah_plugin.data import shipped_data_path
 from ssah_plugin.data.chat import chat_pair_ids
-from ssah_plugin.errors import DataError, require
+from ssah_plugin.data.files import load_hub_dataset, read_file
+from ssah_plugin.errors import DataError
 
 __all__ = ["Pair", "EncodedPair", "load_rows", "pairs_from_rows", "prompts_from_rows", "load_pairs", "encode_pairs",
            "sft_examples", "fit_pair", "warn_truncated", "sample_rows", "text_id"]
@@ -51,50 +49,6 @@ _RESPONSE_KEYS = ("response", "output", "answer", "completion", "chosen")
 def text_id(text: str) -> str:
     """A short stable id for a possibly harmful text (for logs and errors; never the text itself)."""
     return hashlib.sha256(str(text).encode("utf-8")).hexdigest()[:10]
-
-
-def _read_file(path: Path) -> list[dict]:
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    suffix = suffix.lower()
-    try:
-        if suffix in (".jsonl", ".jsonl.gz"):
-            opener = gzip.open if suffix.endswith(".gz") else open
-            rows = []
-            with opener(path, "rt", encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); each line must be one "
-                                        "JSON object") from None
-                    rows.append(row)
-            return rows
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: a JSON object must hold exactly one list of rows")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of objects")
-            return data
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".txt":  # one prompt per line
-            with open(path, encoding="utf-8") as f:
-                return [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
-        if suffix == ".parquet":
-            pd = require("pandas", "data", "reading Parquet calibration data")
-            require("pyarrow", "data", "reading Parquet calibration data")
-            return pd.read_parquet(path).to_dict(orient="records")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read calibration data {str(path)!r}: {exc}") from None
-    raise DataError(f"{str(path)!r}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
 
 
 def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) -> list[dict]:
@@ -118,31 +72,18 @@ def load_rows(source: str | Path | Sequence[dict], *, split: str | None = None) 
         if path.exists():
             if path.is_dir():
                 raise DataError(f"{name!r} is a folder; pass a .jsonl/.json/.csv/.parquet file")
-            rows = _read_file(path)
+            rows = read_file(path)
         elif text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv",
                                                                           ".txt"):
             raise DataError(f"calibration data file {name!r} does not exist")
         else:
-            rows = _load_hub_dataset(text, split)
+            rows = load_hub_dataset(text, split)
     if not rows:
         raise DataError(f"calibration data {name!r} is empty (no rows); give a file with at least one row")
     bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
     if bad:
         raise DataError(f"calibration data {name!r}: row {bad[0]} is not an object/record")
     return rows
-
-
-def _load_hub_dataset(name: str, split: str | None) -> list[dict]:
-    """Load a Hugging Face dataset (``org/name`` or ``org/name:split``); kept for users with network access."""
-    datasets = require("datasets", "data", f"loading the dataset {name!r} from the Hugging Face hub")
-    if ":" in name and split is None:
-        name, split = name.rsplit(":", 1)
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as exc:  # network, missing dataset, gated: all user-fixable
-        raise DataError(f"cannot load dataset {name!r} (split {split or 'train'!r}): {type(exc).__name__}: {exc}. "
-                        "Pass a local .jsonl/.csv/.parquet file instead, or check the name and your network") from None
-    return [dict(r) for r in ds]
 
 
 def _field(row: dict, explicit: str | None, candidates: Sequence[str]) -> str | None:
