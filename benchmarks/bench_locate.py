@@ -100,8 +100,8 @@ def child(mode: str, args: argparse.Namespace) -> dict:
                         fn(input_ids=ids, attention_mask=att, use_cache=False)
             extra = {}
         wall = time.perf_counter() - t0
-    return {"mode": mode, "wall_s": wall, "cpu_s": time.process_time() - c0, "peak_rss_mib": peak_mib(), "rss_before_mib": before,
-            "tokens": tokens, "counted_tokens": counted, **extra}
+    return {"mode": mode, "wall_s": wall, "cpu_s": time.process_time() - c0, "peak_rss_mib": peak_mib(),
+            "rss_before_mib": before, "tokens": tokens, "counted_tokens": counted, **extra}
 
 
 def interleaved(args: argparse.Namespace) -> dict:
