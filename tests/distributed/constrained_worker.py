@@ -6,7 +6,9 @@ Launched by ``tests/distributed/test_constrained_zero.py``::
 
 Scenarios ``host-stage-dtype``: ``trainer-z2-fp32`` (Trainer, prompt-masked LM rows), ``sft-z2-bf16`` (TRL
 SFTTrainer, chat rows, DeepSpeed bf16: the training model is cast to bf16 by the engine, the reference must follow),
-``trainer-z1-fp32``, ``sft-ddp-fp32`` (DDP, no DeepSpeed), ``trainer-z3-fp32`` (must be refused at set-up). Every scenario trains with SSAHCallback freezing units too.
+``trainer-z1-fp32``, ``sft-ddp-fp32`` (DDP, no DeepSpeed), ``trainer-z3-fp32`` (must be refused at set-up). Every
+scenario trains with SSAHCallback freezing units too. The scaffolding (markers, errors, resets, barriers) is
+``worker.main``.
 
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json``: the logged losses, the loss expected at the first step (the
 policy equals the reference there, so every log-ratio is 0 and the loss is ``log 2 * mean_t 2/beta_t``), the
@@ -15,32 +17,14 @@ the model copy, and whether the other weights moved; or the error raised.
 """
 from __future__ import annotations
 
-import gc
-import json
 import math
-import os
 import sys
-import traceback
-from pathlib import Path
 
 import torch
+import worker as w  # this folder's shared worker (the script's folder is first on sys.path)
 
-ROOT = Path(__file__).resolve().parents[2]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-
-STEPS = 3
 PROMPT, LENGTH = 6, 20  # LM rows: 6 prompt tokens (label -100), 14 reply tokens
 REPLY = "Blue, like the sky."
-FROZEN = {"model.layers.0.mlp": [1, 5, 9, 40, 77], "model.layers.1.self_attn": list(range(16, 24)),
-          "model.layers.1.mlp": [0, 127]}
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def init_loss(n_reply: int) -> float:
@@ -48,21 +32,6 @@ def init_loss(n_reply: int) -> float:
 
     betas = [PAPER_BETAS[k] if k < len(PAPER_BETAS) else PAPER_BETA_REST for k in range(n_reply)]
     return math.log(2.0) * sum(2 / b for b in betas) / n_reply
-
-
-def ds_config(stage: int) -> dict:
-    return json.loads((ROOT / "integrations" / "deepspeed" / f"zero{stage}.json").read_text())
-
-
-def reset_hosts() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    gc.collect()
 
 
 def lm_dataset(n: int = 32):
@@ -98,7 +67,7 @@ def frozen_drift(model, mask, before: dict, zero: bool) -> tuple[float, float, i
         for key, val in (("master", master), ("model", s.param.detach())):
             if val is None:
                 continue
-            cur = val.reshape(s.param.shape).index_select(s.axis, s.index)
+            cur = val.reshape(s.param.shape).index_select(s.axis, s.index).cpu()
             # the engine starts from the model cast to its dtype (fp32 model, DeepSpeed bf16: bf16 values; the fp32
             # master is made from those): that start must be kept exactly
             start = before[s.name].to(s.param.dtype).to(cur.dtype)
@@ -111,26 +80,27 @@ def frozen_drift(model, mask, before: dict, zero: bool) -> tuple[float, float, i
     return d_master, d_model, n
 
 
-def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
+def run(sc: w.Scenario) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import Mask, SSAHCallback, TokenwiseConstraint, plan_frozen_slices
     from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
+    host, stage, bf16, tmp = sc.host, sc.stage, sc.bf16, sc.tmp
     model = tiny_model("llama", seed=0)  # fp32; under DeepSpeed bf16 the engine casts it
-    mask = Mask.from_units(model, FROZEN)
+    mask = Mask.from_units(model, w.FROZEN)
     before = {s.name: s.param.detach().index_select(s.axis, s.index).clone()
               for s in plan_frozen_slices(mask, model, None)}
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
     constraint = TokenwiseConstraint(model)
     ref_before = {n: p.detach().clone() for n, p in constraint.reference.named_parameters()}
     cb = SSAHCallback(mask)
-    common = dict(output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+    common = dict(output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=w.STEPS,
                   learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant",
-                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
-                  disable_tqdm=True, dataloader_num_workers=0)
+                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=w.BACKEND != "nccl", bf16=bf16,
+                  seed=0, disable_tqdm=True, dataloader_num_workers=0, ddp_backend=w.BACKEND)
     if stage is not None:
-        common["deepspeed"] = ds_config(stage)
+        common["deepspeed"] = w.ds_config(stage)
     if host == "trainer":
         args = TrainingArguments(**common)
         _ = args.device
@@ -148,10 +118,11 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
     trainer.train()
     trained = trainer.model
     d_master, d_model, checked = frozen_drift(trained, mask, before, zero=stage is not None)
-    ref_drift = max(float((p.double() - ref_before[n].to(p.dtype).double()).abs().max())
+    ref_drift = max(float((p.cpu().double() - ref_before[n].to(p.dtype).double()).abs().max())
                     for n, p in constraint.reference.named_parameters())
-    ref_bitwise = all(torch.equal(p, ref_before[n].to(p.dtype)) for n, p in constraint.reference.named_parameters())
-    moved = max(float((p.detach().double() - full[n].to(p.dtype).double()).abs().max())
+    ref_bitwise = all(torch.equal(p.cpu(), ref_before[n].to(p.dtype))
+                      for n, p in constraint.reference.named_parameters())
+    moved = max(float((p.detach().cpu().double() - full[n].to(p.dtype).double()).abs().max())
                 for n, p in trained.named_parameters())
     logs = trainer.state.log_history
     return {"losses": [r["loss"] for r in logs if "loss" in r], "expected_first_loss": init_loss(n_reply),
@@ -166,32 +137,5 @@ def run(host: str, stage: int | None, bf16: bool, tmp: str) -> dict:
             "host_optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__}
 
 
-def run_scenario(name: str, out_dir: Path) -> None:
-    host, stage_s, dt = name.split("-")[:3]
-    marker = out_dir / f"{name}.rank{rank()}.json"
-    tmp = str(out_dir / "work" / name)
-    os.makedirs(tmp, exist_ok=True)
-    try:
-        res = run(host, None if stage_s == "ddp" else int(stage_s[1:]), dt == "bf16", tmp)
-        res["ok"] = True
-    except Exception as exc:  # the test decides whether this error was expected
-        res = {"ok": False, "error_type": type(exc).__name__, "error": str(exc)[:2000],
-               "traceback": traceback.format_exc()[-4000:]}
-    finally:
-        reset_hosts()
-    marker.write_text(json.dumps(res, indent=1))
-
-
-def main(argv: list[str]) -> int:
-    out_dir = Path(argv[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in argv[1:]:
-        run_scenario(name, out_dir)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-    (out_dir / f"done.rank{rank()}").write_text("ok")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(w.main(sys.argv[1:], run))

@@ -1,4 +1,10 @@
-"""Launch real 2-rank CPU jobs (torchrun, gloo, ``DS_ACCELERATOR=cpu``) and read the ranks' result markers."""
+"""Launch real 2-rank jobs (torchrun) and read the ranks' result markers.
+
+On a machine with two or more CUDA devices the ranks use NCCL, one GPU each (``DS_ACCELERATOR=cuda``); otherwise
+gloo on CPU (``DS_ACCELERATOR=cpu``). The workers read the choice from ``SSAH_DIST_BACKEND``; every marker records
+the backend and device its rank used, so a GPU run can be told from a CPU one (``test_zero.py`` checks it under the
+``multi_gpu`` marker).
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -22,10 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend() -> str:
+    """``"nccl"`` when every rank can have its own CUDA device, else ``"gloo"`` (CPU)."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= NPROC else "gloo"
+
+
 def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))  # one JIT build shared by all ranks
-    env.update(DS_ACCELERATOR="cpu",
+    chosen = backend()
+    env.update(SSAH_DIST_BACKEND=chosen, DS_ACCELERATOR="cuda" if chosen == "nccl" else "cpu",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env

@@ -3,26 +3,22 @@
 The Trainer trains one epoch on 30 SFT rows with ``with_refusal_replay`` mixing in 3 refusal rows (share 0.1) and
 ``SSAHCallback`` freezing the worker's units. Each rank records the sequences its dataloader served (so the test
 can check that the ranks together served every replayed row) and the frozen values' drift on the master weights
-and the model copy (``worker.measure``).
+and the model copy (``worker.measure``). Scenarios ``replay-z2-fp32`` / ``replay-z2-bf16``; the scaffolding
+(markers, errors, resets, barriers) is ``worker.main``.
 """
 from __future__ import annotations
 
-import json
 import sys
-import traceback
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import worker as w  # noqa: E402  (shared model/mask/measure helpers of the main distributed worker)
+import worker as w  # this folder's shared worker (the script's folder is first on sys.path)
 
 REFUSALS = [("bad request one", "I'm sorry, but I can't help with that."),
             ("bad request two", "I cannot assist with that."),
             ("bad request three", "I won't help with this.")]
 
 
-def run(scenario: str, out: Path) -> dict:
+def run(sc: w.Scenario) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -30,8 +26,7 @@ def run(scenario: str, out: Path) -> dict:
     from ssah_plugin.data.rows import sft_examples
     from ssah_plugin.io.tiny import tiny_tokenizer
 
-    bf16 = scenario.endswith("bf16")
-    model, mask, ref, full = w.build(torch.bfloat16 if bf16 else torch.float32)
+    model, mask, ref, full = w.build(torch.bfloat16 if sc.bf16 else torch.float32)
     tok = tiny_tokenizer()
     pairs = [(r["prompt"], r["answer"]) for r in w.chat_rows(30)[:30]]
     user = sft_examples(tok, pairs, max_length=64)
@@ -44,11 +39,11 @@ def run(scenario: str, out: Path) -> dict:
                 served.append([t for t, m in zip(row, att) if m])
             return super().training_step(model, inputs, *a, **k)
 
-    args = TrainingArguments(output_dir=str(out / f"{scenario}-trainer"), per_device_train_batch_size=2,
+    args = TrainingArguments(output_dir=sc.tmp, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=w.LR,
-                             weight_decay=w.WD, max_grad_norm=1.0, bf16=bf16, report_to=[], save_strategy="no",
-                             disable_tqdm=True, seed=0, use_cpu=True, remove_unused_columns=False,
-                             deepspeed=w.ds_config(2), logging_steps=1)
+                             weight_decay=w.WD, max_grad_norm=1.0, bf16=sc.bf16, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0, use_cpu=w.BACKEND != "nccl", ddp_backend=w.BACKEND,
+                             remove_unused_columns=False, deepspeed=w.ds_config(sc.stage), logging_steps=1)
     cb = SSAHCallback(mask)
     trainer = Spy(model=model, args=args, train_dataset=ds, callbacks=[cb],
                   data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True))
@@ -61,17 +56,5 @@ def run(scenario: str, out: Path) -> dict:
     return res
 
 
-def main() -> int:
-    out = Path(sys.argv[1])
-    for scenario in sys.argv[2:]:
-        try:
-            res = run(scenario, out)
-        except Exception as exc:  # recorded for the test to read
-            res = {"error": type(exc).__name__, "message": str(exc), "trace": traceback.format_exc()[-3000:]}
-        (out / f"{scenario}.rank{w.rank()}.json").write_text(json.dumps(res))
-        w.reset_hosts()
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(w.main(sys.argv[1:], run))

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from .launch import NPROC, launch  # noqa: E402
+from .launch import NPROC, backend, launch  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -94,8 +94,16 @@ def test_frozen_units_exact_on_every_rank(jobs, scenario):
         if "-z" in scenario and not scenario.startswith("raw-z0"):
             assert m["enforcer"] == "DeepSpeedEnforcer"
             assert m["restores"] >= 3  # the restore ran inside every optimizer step
+            # memory: positions as block indices, not one int64 per frozen element (the layout before: 8 bytes each);
+            # full-size layers need under a byte per element, rank-4 LoRA factors a few
+            assert 0 < m["index_bytes"] < 8 * m["recorded_elements"], m
+            if not lora:
+                assert m["index_bytes"] <= m["recorded_elements"], m
         if scenario.startswith("trainer-ddp") or scenario.startswith("sft-ddp"):
             assert m["enforcer"] == "FreezeEngine"
+        stage = scenario.split("-")[1]  # the one ZeRO-stage query, on the live Trainer / engine
+        assert m["zero_stage"] == (None if stage == "ddp" else int(stage[1:])), (scenario, m["zero_stage"])
+        assert m["backend"] == backend()
 
 
 def test_dsopt_scenario_really_used_deepspeed_optimizer(jobs):
@@ -103,6 +111,23 @@ def test_dsopt_scenario_really_used_deepspeed_optimizer(jobs):
     for rank, marker in enumerate(jobs("trainer-z2-bf16-dsopt").markers("trainer-z2-bf16-dsopt")):
         m = _ok(marker, "trainer-z2-bf16-dsopt", rank)
         assert m["host_optimizer"][:2] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer"]
+
+
+@pytest.mark.parametrize("scenario", [s for s in EXACT if "-z" in s and not s.startswith("raw-z0")])
+def test_each_frozen_value_is_recorded_by_exactly_one_rank(jobs, scenario):
+    """Under ZeRO-1/2/3 every rank keeps only the frozen values of its own partition: no replicated snapshot."""
+    markers = [_ok(m, scenario, r) for r, m in enumerate(jobs(scenario).markers(scenario))]
+    assert len({m["frozen_elements"] for m in markers}) == 1
+    assert sum(m["recorded_elements"] for m in markers) == markers[0]["frozen_elements"] > 0
+
+
+@pytest.mark.multi_gpu
+def test_ranks_ran_on_their_own_gpu_with_nccl(jobs):
+    """With two or more GPUs the same scenarios run under NCCL, one CUDA device per rank."""
+    for scenario in ("trainer-z2-bf16-dsopt", "raw-z2-fp32"):
+        markers = jobs(scenario).markers(scenario)
+        assert [m["backend"] for m in markers] == ["nccl"] * NPROC
+        assert [m["device"] for m in markers] == [f"cuda:{r}" for r in range(NPROC)]
 
 
 @pytest.mark.parametrize("scenario", sorted(CONTROLS))

@@ -16,6 +16,10 @@ checkpointing on, TRL's default).
 Each rank writes ``OUT_DIR/<scenario>.rank<r>.json`` with the measured drifts (or the error raised), so the test
 asserts on markers rather than on the launcher's exit code (DeepSpeed on CPU occasionally aborts at exit).
 
+The scaffolding (:func:`main`: parse each ``host-stage-dtype[-flag...]`` name into a :class:`Scenario`, run it, write
+the marker or the error, reset the hosts' global state, barrier) is shared by the other workers of this folder, which
+pass their own runner: ``worker.main(argv, runner)``.
+
 Drift is measured against values saved before training: the frozen slices of the original model, read back after
 training from the fp32 master weights (``safe_get_full_fp32_param``) and from the model's copy (gathered under
 ZeRO-3), plus the enforcer's own local check on this rank.
@@ -28,6 +32,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +44,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+#: chosen by launch.py: "nccl" (one CUDA device per rank) or "gloo" (CPU)
+BACKEND = os.environ.get("SSAH_DIST_BACKEND", "gloo")
 
 STEPS = 3
 LR = 1e-2
@@ -48,6 +56,22 @@ FROZEN = {"model.layers.0.mlp": [1, 5, 9, 40, 77], "model.layers.1.self_attn": l
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def device() -> torch.device:
+    """This rank's device: its own GPU under NCCL, else the CPU."""
+    if BACKEND == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    """The process group for raw DeepSpeed scenarios (Trainer scenarios get theirs from TrainingArguments)."""
+    import deepspeed
+
+    if BACKEND == "nccl":
+        torch.cuda.set_device(device())
+    deepspeed.init_distributed(BACKEND)
 
 
 def ds_config(stage: int, *, dsopt: bool = False, offload: bool = False) -> dict:
@@ -147,7 +171,8 @@ def full_values(p: torch.nn.Parameter, zero: bool) -> tuple[torch.Tensor | None,
         model_copy = p.data.detach().clone()
     if master is None and not zero and p.requires_grad:
         master = model_copy
-    return (None if master is None else master.reshape(model_copy.shape)), model_copy
+    model_copy = model_copy.cpu()  # the values saved before training are on the CPU
+    return (None if master is None else master.reshape(model_copy.shape).cpu()), model_copy
 
 
 def measure(model, mask, ref: dict, full: dict, zero: bool, enforcer=None) -> dict:
@@ -181,6 +206,8 @@ def measure(model, mask, ref: dict, full: dict, zero: bool, enforcer=None) -> di
         out["enforcer_drift"] = enforcer.max_drift()
         out["restores"] = getattr(enforcer, "restores", None)
         out["enforcer"] = type(enforcer).__name__
+        for key in ("recorded_elements", "snapshot_bytes", "index_bytes", "frozen_elements"):
+            out[key] = getattr(enforcer, key, None)
     return out
 
 
@@ -208,8 +235,8 @@ def StepProbe(cb):  # noqa: N802 - a class built lazily (transformers is importe
 def train_args(cls, out: str, bf16: bool, stage: int | None, extra: dict, **kw):
     args = dict(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=extra.get("ga", 2),
                 max_steps=STEPS, learning_rate=LR, weight_decay=WD, max_grad_norm=1.0, lr_scheduler_type="constant",
-                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16, seed=0,
-                disable_tqdm=True, dataloader_num_workers=0)
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=BACKEND != "nccl", bf16=bf16, seed=0,
+                disable_tqdm=True, dataloader_num_workers=0, ddp_backend=BACKEND)
     if cls.__name__ in ("SFTConfig", "DPOConfig") or extra.get("gc"):
         args["gradient_checkpointing"] = bool(extra.get("gc"))  # TRL's default is on; "gc" scenarios keep it
     if stage is not None:
@@ -224,6 +251,7 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
     from transformers import Trainer, TrainingArguments
 
     from ssah_plugin import SSAHCallback
+    from ssah_plugin.hosts.zero import zero_stage
     from ssah_plugin.io.tiny import tiny_tokenizer
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -295,6 +323,7 @@ def run_trainer_host(host: str, stage: int | None, bf16: bool, extra: dict, tmp:
     res["callback_steps"] = cb.summary.get("steps")
     res["per_step_drift"] = probe.drifts
     res["host_optimizer"] = [type(o).__name__ for o in _chain(trainer.optimizer)]
+    res["zero_stage"] = zero_stage(trainer)
     res["frozen_elements"] = cb.summary.get("frozen_elements")
     return res
 
@@ -311,8 +340,9 @@ def run_raw(stage: int, bf16: bool, extra: dict, tmp: str) -> dict:
     import deepspeed
 
     import ssah_plugin
+    from ssah_plugin.hosts.zero import zero_stage
 
-    deepspeed.init_distributed("gloo")
+    init_distributed()
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, mask, ref, full = build(dtype)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
@@ -328,12 +358,14 @@ def run_raw(stage: int, bf16: bool, extra: dict, tmp: str) -> dict:
     g = rank()
     for micro in range(STEPS * 2):
         row = data[(micro * 4 + g * 2) % len(data)]
-        ids = torch.tensor([row["input_ids"], data[(micro * 4 + g * 2 + 1) % len(data)]["input_ids"]])
+        ids = torch.tensor([row["input_ids"], data[(micro * 4 + g * 2 + 1) % len(data)]["input_ids"]],
+                           device=engine.device)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
     res = measure(engine.module, mask, ref, full, stage > 0, enforcer)
     res["global_step"] = engine.global_steps
+    res["zero_stage"] = zero_stage(engine)
     if extra.get("resume"):  # save, perturb nothing, load back into a fresh engine, train again
         engine.save_checkpoint(tmp, tag="ck")
         enforcer.detach()
@@ -343,42 +375,65 @@ def run_raw(stage: int, bf16: bool, extra: dict, tmp: str) -> dict:
         engine2.load_checkpoint(tmp, tag="ck")
         enforcer2 = ssah_plugin.deepspeed_enforce(engine2, mask, check_fingerprint=False)
         for micro in range(4):
-            ids = torch.tensor([data[micro]["input_ids"], data[micro + 8]["input_ids"]])
+            ids = torch.tensor([data[micro]["input_ids"], data[micro + 8]["input_ids"]], device=engine2.device)
             engine2.backward(engine2(input_ids=ids, labels=ids).loss)
             engine2.step()
         res["after_resume"] = measure(engine2.module, mask, ref, full, stage > 0, enforcer2)
     return res
 
 
-def run_scenario(name: str, out_dir: Path) -> None:
-    parts = name.split("-")
-    host, stage_s, dt = parts[0], parts[1], parts[2]
-    extra = {f: True for f in parts[3:]}
-    if extra.pop("ga1", False):
-        extra["ga"] = 1
-    stage = None if stage_s == "ddp" else int(stage_s[1:])
-    marker = out_dir / f"{name}.rank{rank()}.json"
-    tmp = str(out_dir / "work" / name)  # shared by the ranks (checkpoints are written by several ranks)
-    os.makedirs(tmp, exist_ok=True)
+@dataclass
+class Scenario:
+    """A scenario name ``host-stage-dtype[-flag...]`` parsed, with its working folder (shared by the ranks)."""
+
+    name: str
+    host: str
+    stage: int | None  # None: DDP, no DeepSpeed
+    bf16: bool
+    flags: dict = field(default_factory=dict)
+    tmp: str = ""
+
+    @classmethod
+    def parse(cls, name: str, out_dir: Path) -> Scenario:
+        host, stage, dtype, *flags = name.split("-")
+        extra: dict = {f: True for f in flags}
+        if extra.pop("ga1", False):
+            extra["ga"] = 1
+        tmp = out_dir / "work" / name  # checkpoints are written by several ranks
+        tmp.mkdir(parents=True, exist_ok=True)
+        return cls(name, host, None if stage == "ddp" else int(stage[1:]), dtype == "bf16", extra, str(tmp))
+
+
+Runner = Callable[[Scenario], dict]
+
+
+def run_default(sc: Scenario) -> dict:
+    """This module's scenarios: raw DeepSpeed engines, or Trainer / SFTTrainer / DPOTrainer hosts."""
+    if sc.host == "raw":
+        return run_raw(sc.stage, sc.bf16, sc.flags, sc.tmp)
+    return run_trainer_host(sc.host, sc.stage, sc.bf16, sc.flags, sc.tmp)
+
+
+def run_scenario(name: str, out_dir: Path, runner: Runner) -> None:
+    """Run one scenario; write ``<name>.rank<r>.json``: the runner's result with ``ok``, or the error raised."""
     try:
-        if host == "raw":
-            res = run_raw(stage, dt == "bf16", extra, tmp)
-        else:
-            res = run_trainer_host(host, stage, dt == "bf16", extra, tmp)
+        res = runner(Scenario.parse(name, out_dir))
         res["ok"] = True
-    except Exception as exc:  # the test decides whether this error was expected
+    except Exception as exc:  # noqa: BLE001 - the test decides whether this error was expected
         res = {"ok": False, "error_type": type(exc).__name__, "error": str(exc)[:2000],
                "traceback": traceback.format_exc()[-4000:]}
     finally:
         reset_hosts()
-    marker.write_text(json.dumps(res, indent=1))
+    res.update(backend=BACKEND, device=str(device()))
+    (out_dir / f"{name}.rank{rank()}.json").write_text(json.dumps(res, indent=1))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], runner: Runner = run_default) -> int:
+    """``argv`` = ``OUT_DIR scenario [scenario ...]``: run them in order on this rank, with a barrier after each."""
     out_dir = Path(argv[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in argv[1:]:
-        run_scenario(name, out_dir)
+        run_scenario(name, out_dir, runner)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     (out_dir / f"done.rank{rank()}").write_text("ok")
