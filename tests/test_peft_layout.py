@@ -99,11 +99,16 @@ def test_configs_found_by_class_on_every_path():
     model = tiny_model("llama")
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"]))
     assert list(peft_configs(pm)) == ["default"]
+    # transformers' PEFT integration (model.add_adapter) keeps the configs in model.peft_config and sets
+    # _hf_peft_config_loaded; set them as it does (its add_adapter needs a newer peft than some installs have)
     other = tiny_model("llama")
-    other.add_adapter(LoraConfig(r=2, target_modules=["up_proj"], use_dora=True))  # transformers' integration
+    other.peft_config = {"default": LoraConfig(r=2, target_modules=["up_proj"], use_dora=True)}
+    other._hf_peft_config_loaded = True
     assert list(peft_configs(other)) == ["default"]
     with pytest.raises(UnsupportedSetupError, match="use_dora"):
         check_peft_setup(other)
+    other._hf_peft_config_loaded = False  # a dict named peft_config on a model without the flag is not PEFT's
+    assert peft_configs(other) == {}
 
 
 def test_no_peft_import_without_peft_objects():
