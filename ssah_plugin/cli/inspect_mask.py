@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ssah_plugin.core.classes import CLASS_CODES
+from ssah_plugin.core.mask_report import frozen_table, listed_policies
 
 HELP = "show a mask: unit classes per layer and module type, frozen units per policy; optional PNG plot"
 EPILOG = """examples:
@@ -12,9 +13,6 @@ EPILOG = """examples:
   ssah-plugin inspect mask.safetensors --json > mask.json
   ssah-plugin inspect mask.safetensors --plot mask.png --policy scu+cu:0.1
 """
-
-CLASSIFIED_POLICIES = ("scu", "scu+cu6", "scu+cu", "ru-only")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mask", help="mask file (.safetensors) written by locate or Mask.save")
@@ -52,18 +50,7 @@ def report(mask, extra_policies=()) -> dict:
             k["units"] += g.n_units
         out["per_module_type"] = per_kind
         out["per_layer"] = per_layer
-    policies = list(mask.policies)
-    if mask.classes is not None:
-        policies += [p for p in CLASSIFIED_POLICIES if p not in policies]
-    policies += [p for p in extra_policies if p not in policies]
-    frozen = {}
-    for pol in policies:
-        sets = mask.frozen(pol)
-        by_kind: dict = {}
-        for g, s in zip(mask.groups, sets):
-            by_kind[g.kind] = by_kind.get(g.kind, 0) + int(s.sum())
-        total = sum(by_kind.values())
-        frozen[pol] = {"units": total, "fraction": total / max(mask.n_units, 1), "per_module_type": by_kind}
+    frozen = frozen_table(mask, listed_policies(mask, extra_policies))
     out["frozen"] = frozen
     return out
 

@@ -21,6 +21,7 @@ from ssah_plugin._version import __version__
 from ssah_plugin.core.classes import CLASS_CODES, CLASS_NAMES
 from ssah_plugin.core.digest import DIGEST_DTYPES, record_digests
 from ssah_plugin.core.fingerprint import config_hash, fingerprint_mismatches, fingerprint_samples
+from ssah_plugin.core.hub import HubMixin
 from ssah_plugin.core.mask_format import FORMAT_VERSION, payload_checksum, read_mask_file, serialize, write_mask_file
 from ssah_plugin.core.peft_layout import find_weight
 from ssah_plugin.core.policies import resolve_policy
@@ -40,7 +41,7 @@ __all__ = ["Mask", "CLASS_NAMES", "CLASS_CODES", "FORMAT_VERSION", "config_hash"
 
 
 @dataclass
-class Mask:
+class Mask(HubMixin):
     """An in-memory mask: unit groups, optional scores and classes, and stored frozen sets ("policies").
 
     Build one from explicit unit lists with :meth:`from_units`, from locate's output, or read one with
