@@ -47,7 +47,8 @@ class SSAHCallback(TrainerCallback, ExportableState):
     """Keep the mask's frozen units bit-exact during ``Trainer.train()``.
 
     Args:
-        mask: path to a mask file (``ssah-plugin locate``) or a :class:`~ssah_plugin.Mask`.
+        mask: a mask file (``ssah-plugin locate``), a folder or Hub repo spec (``"org/name[@revision][:policy]"``,
+            docs/hub.md) or a :class:`~ssah_plugin.Mask`.
         policy: which units to freeze (see :mod:`ssah_plugin.core.policies`); default: the mask's default policy.
         check_fingerprint: refuse a model whose weights are not those the mask was made from.
         grad_mode: gradient masking mode (:class:`~ssah_plugin.core.engine.FreezeEngine`); ``"auto"`` picks per host.
@@ -67,7 +68,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
                 "checkpoint cannot store; pass the mask as a file path, or leave that option off (the plugin reads "
                 "its saved state from the checkpoint either way)")
         self._mask_source = str(mask) if not isinstance(mask, Mask) else None
-        self.mask: Mask = load_mask(mask)
+        self.mask: Mask = load_mask(mask, policy)
         self.policy = policy or self.mask.default_policy
         self.mask.frozen(self.policy)  # unknown policy -> error now, not at train time
         self.check_fingerprint = check_fingerprint

@@ -71,7 +71,7 @@ def build_enforcer(
     before any reduction) when several processes train together. ``cover_untrainable`` also keeps the frozen slices
     of parameters that do not require gradients now (progressive unfreezing); PEFT's frozen base weights excepted.
     """
-    mask = load_mask(mask)
+    mask = load_mask(mask, policy)
     check_peft_setup(model)  # DoRA, PiSSA, prefix tuning, LoHa...: refused before any other check
     if check_values is None:
         check_values = check_fingerprint

@@ -36,7 +36,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
     Args:
         optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
         model: the model (wrappers such as DDP or PEFT are fine).
-        mask: mask file path or :class:`~ssah_plugin.Mask`.
+        mask: mask file, folder or Hub repo spec (``"org/name:policy"``, docs/hub.md) or :class:`~ssah_plugin.Mask`.
         policy: which units to freeze; default: the mask's default policy.
         check_fingerprint: refuse weights other than those the mask was made from.
         grad_mode: see :class:`~ssah_plugin.core.engine.FreezeEngine`; ``"auto"`` picks per host.

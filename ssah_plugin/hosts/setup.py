@@ -38,13 +38,20 @@ class Enforcer(Protocol):
     def frozen_elements(self) -> int: ...
 
 
-def load_mask(mask: MaskLike) -> Mask:
-    """A :class:`Mask` from a path or an existing object (type errors name what was passed)."""
+def load_mask(mask: MaskLike, policy: str | None = None) -> Mask:
+    """A :class:`Mask` from a mask spec, a path or an existing object (type errors name what was passed).
+
+    A string is a mask spec (:func:`ssah_plugin.core.hub.parse_mask_spec`): a mask file, a folder written by
+    ``save_pretrained``, or a Hub repo ``org/name[@revision]``, each optionally followed by ``:policy``. A policy in
+    the spec becomes the returned mask's default policy; ``policy`` is the caller's explicit policy argument, and
+    naming another policy there is a :class:`~ssah_plugin.core.hub.MaskSpecError`.
+    """
     if isinstance(mask, Mask):
         return mask
     if isinstance(mask, (str, os.PathLike)):
-        return Mask.load(mask)
-    raise TypeError(f"mask must be a path to a mask file or an ssah_plugin.Mask, got {type(mask).__name__}")
+        return Mask.from_spec(mask, policy)
+    raise TypeError(f"mask must be a mask file, a folder, a Hub repo spec ('org/name:policy') or an ssah_plugin.Mask, "
+                    f"got {type(mask).__name__}")
 
 
 def run_base_check(mask: Mask, model: nn.Module, policy: str | None, *, check_values: bool,
