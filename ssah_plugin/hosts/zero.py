@@ -20,7 +20,7 @@ from ssah_plugin.core.engine import unwrap_optimizer
 from ssah_plugin.errors import UnsupportedSetupError
 
 __all__ = ["SUPPORTED_DEEPSPEED", "check_deepspeed_version", "deepspeed_version", "find_zero_optimizer",
-           "is_zero3_partitioned", "zero_stage"]
+           "is_zero3_partitioned", "uses_deepspeed", "zero_stage"]
 
 #: DeepSpeed versions the 2-rank tests pass on, as (lowest, first unsupported); the same bounds as the ``deepspeed``
 #: extra in ``setup.cfg``. ZeRO's fragment layout is internal to DeepSpeed and may change in any minor release.
@@ -97,6 +97,26 @@ def find_zero_optimizer(obj: object) -> tuple[object, int] | None:
         if isinstance(opt, BF16_Optimizer):  # DeepSpeed's ZeRO-1 optimizer for bf16 with fp32 gradient accumulation
             return opt, 1
     return None
+
+
+def uses_deepspeed(*objs: object) -> bool:
+    """Whether any of ``objs`` (models, optimizers or wrapper chains) is managed by DeepSpeed, ZeRO or not.
+
+    Unlike ``zero_stage(obj) is not None`` this also sees DeepSpeed without ZeRO (``FP16_Optimizer`` for fp16 / bf16
+    at stage 0, an engine at stage 0), which hosts must refuse or handle. By ``isinstance``; never imports DeepSpeed.
+    """
+    if "deepspeed" not in sys.modules:
+        return False
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    for obj in objs:
+        if isinstance(obj, DeepSpeedEngine) or zero_stage(obj) is not None:
+            return True
+        if not isinstance(obj, (nn.Module, torch.Tensor)) and \
+                any(isinstance(o, DeepSpeedOptimizer) for o in unwrap_optimizer(obj)):
+            return True
+    return False
 
 
 def _loaded(module: str, name: str) -> type | None:

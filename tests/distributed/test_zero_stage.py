@@ -82,6 +82,20 @@ def test_deepspeed_classes_by_isinstance_through_wrappers():
     assert zero_stage(DeepSpeedZeroOptimizerLookalike()) is None
 
 
+def test_deepspeed_without_zero_is_still_deepspeed():
+    """zero_stage is None for DeepSpeed's stage-0 fp16/bf16 optimizer; uses_deepspeed still sees it."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    from ssah_plugin.hosts.zero import uses_deepspeed
+
+    inner = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    fp16 = _bare(FP16_Optimizer, optimizer=inner)
+    assert zero_stage(fp16) is None and uses_deepspeed(fp16)
+    assert uses_deepspeed(torch.nn.Linear(2, 2), fp16)
+    assert not uses_deepspeed(inner, torch.nn.Linear(2, 2), None)
+
+
 def test_engine_reports_its_configured_stage():
     pytest.importorskip("deepspeed")
     from deepspeed import DeepSpeedEngine
