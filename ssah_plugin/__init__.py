@@ -4,11 +4,15 @@ Reference implementation of "Superficial Safety Alignment Hypothesis" (Li & Kim,
 
 Tiers of use:
 
-1. One line in a Trainer / TRL script: ``callbacks=[SSAHCallback("mask.safetensors")]``.
-2. Custom loops: ``SSAHOptimizer(optimizer, model, "mask.safetensors")``.
-3. Locate / verify / evaluate from Python: ``from ssah_plugin.locate.runner import locate`` (the submodule shares the
+1. The recipe that keeps refusals: ``train_dataset = with_refusal_replay(dataset, refusals)`` (docs/replay.md).
+2. One line in a Trainer / TRL script: ``callbacks=[SSAHCallback("mask.safetensors")]`` (or ``"org/name:policy"``
+   for a mask on the Hugging Face Hub); the token-wise constraint: ``TokenwiseConstraint(aligned).attach(trainer)``.
+3. Custom loops: ``SSAHOptimizer(optimizer, model, "mask.safetensors")``.
+4. Locate / verify / evaluate from Python: ``from ssah_plugin.locate import locate`` (the subpackage shares the
    function's name, so the function is not re-exported here), :func:`verify_checkpoint`, :func:`evaluate_checkpoint`.
-4. Building blocks: :class:`Mask`, :func:`describe_units`, :class:`FreezeEngine`, :func:`plan_frozen_slices`.
+5. Building blocks: :class:`Mask`, :func:`describe_units`, :class:`FreezeEngine`, :func:`plan_frozen_slices`.
+
+The package's layers are described in docs/architecture.md.
 """
 from typing import TYPE_CHECKING
 
@@ -66,7 +70,7 @@ __all__ = [
 # Names whose modules import transformers / generation code (seconds): loaded on first access.
 _LAZY = {
     "SSAHCallback": "ssah_plugin.hosts.callback",
-    "TokenwiseConstraint": "ssah_plugin.recipes.constrained",  # Qi et al. 2024 Eq. 3 as compute_loss_func + callback
+    "TokenwiseConstraint": "ssah_plugin.recipes.constrained",  # Qi et al. 2024 Eq. 3: constraint.attach(trainer)
     "deepspeed_enforce": "ssah_plugin.hosts.deepspeed",  # raw deepspeed.initialize users; DeepSpeed imported lazily
     "LocateConfig": "ssah_plugin.locate",
     "verify_checkpoint": "ssah_plugin.evaluation.verify",
