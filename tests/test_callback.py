@@ -22,6 +22,7 @@ from ssah_plugin.testing.oracles import dense_frozen_masks as _dense_masks
 from ssah_plugin.testing.trainers import HandMaskedTrainer, HandRestore
 
 MAX_GRAD_NORM = 0.01
+CONSTANT_LR = {"lr_scheduler_type": "constant", "warmup_steps": 0}  # weight decay moves frozen values at every step
 
 
 
@@ -91,11 +92,11 @@ def test_grad_norm_reference_can_fail(tmp_path):
     ds = _dataset()
     t1 = Trainer(model=model, args=_args(tmp_path / "a", steps=2), train_dataset=ds, callbacks=[SSAHCallback(mask)])
     t1.train()
-    t2 = Trainer(model=plain, args=_args(tmp_path / "b", steps=2), train_dataset=ds,
-                 callbacks=[SSAHCallback(mask, grad_mode="none")])
+    restore_only = SSAHCallback(mask, grad_mode="none")
+    t2 = Trainer(model=plain, args=_args(tmp_path / "b", steps=2), train_dataset=ds, callbacks=[restore_only])
     t2.train()
     assert _grad_norms(t1)[0] < _grad_norms(t2)[0]
-    assert t2.callback_handler.callbacks[0].summary["max_drift"] == 0.0  # restore alone still keeps values exact
+    assert restore_only.summary["max_drift"] == 0.0  # restore alone still keeps values exact
 
 
 def test_tensor_grad_mode_same_result(tmp_path):
@@ -103,12 +104,13 @@ def test_tensor_grad_mode_same_result(tmp_path):
     mask = Mask.from_units(model, _units(model))
     other = copy.deepcopy(model)
     ds = _dataset()
-    a = Trainer(model=model, args=_args(tmp_path / "a", steps=3), train_dataset=ds, callbacks=[SSAHCallback(mask)])
+    auto = SSAHCallback(mask)
+    a = Trainer(model=model, args=_args(tmp_path / "a", steps=3), train_dataset=ds, callbacks=[auto])
     a.train()
     cb = SSAHCallback(mask, grad_mode="tensor")
     b = Trainer(model=other, args=_args(tmp_path / "b", steps=3), train_dataset=ds, callbacks=[cb])
     b.train()
-    assert a.callback_handler.callbacks[0].enforcer.grad_mode == "post_accumulate"  # auto, single process
+    assert auto.enforcer.grad_mode == "post_accumulate"  # auto, single process
     assert cb.enforcer.grad_mode == "tensor"
     assert _grad_norms(a) == _grad_norms(b)
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
@@ -123,24 +125,99 @@ class Reporter(TrainerCallback):
         self.seen.append(dict(logs or {}))
 
 
-def test_logs_once_and_summary_and_order(tmp_path):
-    model = tiny_model("llama", seed=0)
-    mask = Mask.from_units(model, {"model.layers.0.mlp": [1, 2, 3]})
-    reporter = Reporter()  # stands for TensorBoard/W&B: registered before our callback
-    cb = SSAHCallback(mask)
-    user_list = [reporter, cb]
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=3), train_dataset=_dataset(), callbacks=user_list)
-    trainer.train()
-    assert user_list == [reporter, cb] and trainer.callback_handler.callbacks[0] is cb  # only the handler's list
+class FrozenWatcher(TrainerCallback):
+    """Stands for a callback that reads weights (an EMA, a probe): are the frozen values exact when it runs?"""
+
+    def __init__(self, dense, base):
+        self.dense, self.base, self.exact = dense, base, {"on_optimizer_step": [], "on_step_end": []}
+
+    def _look(self, event, model):
+        params = dict(model.named_parameters())
+        self.exact[event].append(all(torch.equal(params[n].detach()[m], self.base[n][m]) for n, m in self.dense.items()))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._look("on_optimizer_step", model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._look("on_step_end", model)
+
+
+def _check_summary(trainer, cb):
     hits = [r for r in trainer.state.log_history if "ssah/frozen_fraction" in r]
-    assert len(hits) == 1 and hits[0]["ssah/frozen_units"] == 3
+    assert len(hits) == 1 and hits[0]["ssah/frozen_units"] == 3  # once, in trainer_state.json's log history
     assert hits[0]["ssah/frozen_fraction"] == round(3 / 384, 6)
-    assert sum("ssah/frozen_fraction" in r for r in reporter.seen) == 1  # the reporter saw it
     assert cb.summary == {"policy": "explicit", "frozen_units": 3, "units": 384, "frozen_fraction": 3 / 384,
                           "frozen_elements": 3 * 64 * 3, "steps": 3, "max_drift": 0.0}
+
+
+def test_constructor_callback_order_logs_and_weights(tmp_path):
+    """Trainer(callbacks=[...]) keeps the user's order: callbacks before ours see neither its log entry nor the
+    restored values at on_optimizer_step; from on_step_end on every callback sees the exact values."""
+    model = tiny_model("llama", seed=0)
+    mask = Mask.from_units(model, {"model.layers.0.mlp": [1, 2, 3]})
+    dense, base = _dense_masks(mask, model), _snapshot(model)
+    before, after, watch_before, watch_after = Reporter(), Reporter(), FrozenWatcher(dense, base), \
+        FrozenWatcher(dense, base)
+    cb = SSAHCallback(mask)
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=3, **CONSTANT_LR), train_dataset=_dataset(),
+                      callbacks=[before, watch_before, cb, after, watch_after])
+    trainer.train()
+    _check_summary(trainer, cb)
+    assert sum("ssah/frozen_fraction" in r for r in after.seen) == 1
+    assert not any("ssah/frozen_fraction" in r for r in before.seen)
+    assert watch_after.exact["on_optimizer_step"] == [True] * 3
+    assert watch_before.exact["on_optimizer_step"] == [False] * 3  # weight decay moved them; restored right after
+    assert watch_before.exact["on_step_end"] == watch_after.exact["on_step_end"] == [True] * 3
     # hooks are removed at the end
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
                if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+
+
+def test_add_to_runs_first_and_keeps_the_others(tmp_path):
+    """add_to(trainer) puts the callback ahead of every other (transformers' add_callback / pop_callback): the
+    reporters registered before it receive its log entry and every callback sees the restored values."""
+    from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback
+
+    model = tiny_model("llama", seed=0)
+    mask = Mask.from_units(model, {"model.layers.0.mlp": [1, 2, 3]})
+    dense, base = _dense_masks(mask, model), _snapshot(model)
+    reporter, watcher = Reporter(), FrozenWatcher(dense, base)
+    user_list = [reporter, watcher]
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=3, **CONSTANT_LR), train_dataset=_dataset(),
+                      callbacks=user_list)
+    others = list(trainer.callback_handler.callbacks)
+    cb = SSAHCallback(mask).add_to(trainer)
+    assert user_list == [reporter, watcher]  # the user's list is left alone
+    assert trainer.callback_handler.callbacks == [cb, *others]  # first, the others in their order
+    assert isinstance(others[0], DefaultFlowCallback) and isinstance(others[-1], PrinterCallback)
+    trainer.train()
+    assert trainer.state.global_step == 3  # DefaultFlowCallback still drives logging and stopping
+    _check_summary(trainer, cb)
+    assert sum("ssah/frozen_fraction" in r for r in reporter.seen) == 1  # the reporter saw it
+    assert watcher.exact["on_optimizer_step"] == watcher.exact["on_step_end"] == [True] * 3
+    assert cb.add_to(trainer) is cb and trainer.callback_handler.callbacks == [cb, *others]  # idempotent
+    with pytest.raises(MaskMismatchError, match="made for other weights"):  # validated at add_to, like on_init_end
+        SSAHCallback(mask).add_to(Trainer(model=tiny_model("llama", seed=1), args=_args(tmp_path / "x"),
+                                          train_dataset=_dataset()))
+
+
+def test_snapshot_in_host_memory_is_bitwise_the_same_run(tmp_path):
+    model = tiny_model("qwen2", seed=0)
+    mask = Mask.from_units(model, _units(model))
+    other, base, dense = copy.deepcopy(model), _snapshot(model), _dense_masks(mask, model)
+    ds = _dataset()
+    a = Trainer(model=model, args=_args(tmp_path / "a", steps=3), train_dataset=ds, callbacks=[SSAHCallback(mask)])
+    a.train()
+    cb = SSAHCallback(mask, snapshot_device="cpu")
+    b = Trainer(model=other, args=_args(tmp_path / "b", steps=3), train_dataset=ds, callbacks=[cb])
+    b.train()
+    assert cb.enforcer.snapshot_device == "cpu" and all(t.device.type == "cpu" for t in cb.enforcer._snapshots)
+    assert cb.summary["max_drift"] == 0.0 and _grad_norms(a) == _grad_norms(b)
+    params = dict(other.named_parameters())
+    for name, m in dense.items():
+        assert torch.equal(params[name].detach()[m], base[name][m]), name
+    for (n, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_resume_keeps_original_base_values(tmp_path):
@@ -195,8 +272,10 @@ def test_setup_errors_before_training(tmp_path):
     mask = Mask.from_units(model, {"model.layers.0.mlp": [0]})
     with pytest.raises(SSAHError, match="unknown policy 'nope'"):
         SSAHCallback(mask, policy="nope")
-    with pytest.raises(TypeError, match="mask must be a path"):
+    with pytest.raises(TypeError, match="mask must be a "):
         SSAHCallback(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"snapshot_device must be 'param' .* or 'cpu' .* got 'pinned'"):
+        SSAHCallback(mask, snapshot_device="pinned")  # type: ignore[arg-type]
     with pytest.raises(MaskMismatchError, match="made for other weights"):
         Trainer(model=tiny_model("llama", seed=1), args=_args(tmp_path), train_dataset=_dataset(),
                 callbacks=[SSAHCallback(mask)])

@@ -121,3 +121,51 @@ def test_build_enforcer_auto_mode_and_host(setup, tmp_path):
     assert isinstance(m, Mask) and eng.grad_mode == "post_accumulate"  # single process
     _, eng = build_enforcer(mask, model, grad_mode="tensor")
     assert eng.grad_mode == "tensor"
+
+
+def test_snapshot_in_host_memory(setup):
+    model, mask = setup
+    slices = plan_frozen_slices(mask, model)
+    eng = FreezeEngine(slices, grad_mode="post_accumulate", snapshot_device="cpu").attach()
+    assert eng.snapshot_device == "cpu" and all(t.device.type == "cpu" for t in eng._snapshots)
+    assert eng.snapshot_bytes == eng.frozen_elements * 4
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = {s.name: s.param.detach().index_select(s.axis, s.index).clone() for s in slices}
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        for seed in range(2):
+            ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            eng.after_step()
+            opt.zero_grad(set_to_none=True)
+        assert eng.max_drift() == 0.0
+        for s in slices:
+            assert torch.equal(s.param.detach().index_select(s.axis, s.index), before[s.name]), s.name
+    finally:
+        eng.detach()
+        model.load_state_dict(whole)  # the module-scoped model goes back to its values for the other tests
+        model.zero_grad(set_to_none=True)
+    for bad in ("pinned", "cuda", None, torch.device("cpu")):
+        with pytest.raises(ValueError, match="snapshot_device must be 'param'"):
+            FreezeEngine(slices, snapshot_device=bad)  # type: ignore[arg-type]
+
+
+def test_fsdp_and_dtensor_parameters_are_refused(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    from torch.distributed.fsdp import fully_shard
+
+    from ssah_plugin.errors import UnsupportedSetupError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        assert detect_host(model) == "torch"
+        fully_shard(model)
+        with pytest.raises(UnsupportedSetupError, match="FSDP .* not supported"):
+            detect_host(model)
+    finally:
+        dist.destroy_process_group()

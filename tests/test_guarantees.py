@@ -222,13 +222,22 @@ def test_bema_ema_copy_is_exact(tmp_path):
     mask = Mask.from_units(base, UNITS)
     model = copy.deepcopy(base)
     bema = BEMACallback(update_freq=1, update_after=0, device="cpu")
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=4), train_dataset=_dataset(),
-                      callbacks=[bema, SSAHCallback(mask)])
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=4), train_dataset=_dataset(), callbacks=[bema])
+    SSAHCallback(mask).add_to(trainer)  # runs first: its on_train_end fixes the copy before BEMA's saves it
     trainer.train()
     ema = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bema"))
     _assert_exact(mask, base, ema, "BEMA copy")
     _assert_exact(mask, base, model, "trained model")
     assert not torch.equal(ema.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    # the same run with the plugin passed to the constructor (after BEMA, which cannot be found from there): the copy
+    # drifts, so the check above is a real one
+    other = copy.deepcopy(base)
+    late = Trainer(model=other, args=_args(tmp_path / "late", steps=4), train_dataset=_dataset(),
+                   callbacks=[BEMACallback(update_freq=1, update_after=0, device="cpu"), SSAHCallback(mask)])
+    late.train()
+    _assert_exact(mask, base, other, "trained model")
+    with pytest.raises(AssertionError, match="drifted"):
+        _assert_exact(mask, base, AutoModelForCausalLM.from_pretrained(str(tmp_path / "late" / "bema")), "BEMA copy")
 
 
 # ---------------------------------------------------------------------------------------------- 8. raw errors

@@ -47,8 +47,9 @@ def _loop(model, opt, sched, batches, *, scaler=None, inf_at=None, hand=None):
     return norms
 
 
+@pytest.mark.parametrize("snapshot_device", ["param", "cpu"])
 @pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "gradscaler"])
-def test_custom_loop_matches_hand_reference(use_scaler):
+def test_custom_loop_matches_hand_reference(use_scaler, snapshot_device):
     model = tiny_model("mistral", seed=0)
     ref = copy.deepcopy(model)
     mask = Mask.from_units(model, UNITS)
@@ -59,7 +60,7 @@ def test_custom_loop_matches_hand_reference(use_scaler):
 
     def make(m, wrap):
         inner = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-        opt = SSAHOptimizer(inner, m, mask) if wrap else inner
+        opt = SSAHOptimizer(inner, m, mask, snapshot_device=snapshot_device) if wrap else inner
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if use_scaler else None
         return opt, sched, scaler
@@ -68,7 +69,7 @@ def test_custom_loop_matches_hand_reference(use_scaler):
     norms = _loop(model, opt, sched, batches, scaler=scaler, inf_at=inf_at)
     r_opt, r_sched, r_scaler = make(ref, False)
     r_norms = _loop(ref, r_opt, r_sched, batches, scaler=r_scaler, inf_at=inf_at, hand=(dense, base))
-    assert opt.max_drift() == 0.0
+    assert opt.max_drift() == 0.0 and opt.enforcer.snapshot_device == snapshot_device
     assert all(torch.isinf(a) == torch.isinf(b) and (torch.isinf(a) or torch.equal(a, b)) for a, b in zip(norms, r_norms))
     assert all(float(n) > 0.05 for n in norms)  # clipping triggered
     if use_scaler:
@@ -134,6 +135,8 @@ def test_wrapper_api_and_errors(tmp_path):
     mask = Mask.from_units(model, {"transformer.h.0.mlp": [5]})
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         SSAHOptimizer("adam", model, mask)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"snapshot_device must be 'param' .* got 'cuda'"):
+        SSAHOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mask, snapshot_device="cuda")  # type: ignore[arg-type]
     with pytest.raises(MaskMismatchError, match="other weights"):
         SSAHOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tiny_model("gpt2", seed=4), mask)
     other = tiny_model("gpt2", seed=0)

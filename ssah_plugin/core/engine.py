@@ -4,35 +4,53 @@ Two mechanisms, both vectorised per parameter (one op per frozen tensor, never a
 
 1. **Gradient masking, as gradients are produced.** A hook zeroes the frozen slices of each gradient during
    ``backward()``, before gradient accumulation completes, before grad-norm clipping and before
-   ``optimizer.step()``. Clipping therefore never counts frozen gradients.
+   ``optimizer.step()``. Clipping therefore never counts frozen gradients, and the optimizer's state (momentum, Adam
+   moments) of frozen entries stays zero.
 2. **Restore after every optimizer step.** Zero gradients do not freeze a weight: AdamW's decoupled weight decay,
-   momentum from earlier steps, or loss-scaler tricks still move it. :meth:`FreezeEngine.after_step` writes the
-   snapshot back with ``index_copy_`` right after ``optimizer.step()`` and before ``zero_grad()``, so the frozen
-   values are bitwise those of the snapshot at every step boundary.
+   SGD's coupled weight decay and momentum, or loss-scaler tricks still move it. :meth:`FreezeEngine.after_step`
+   writes the snapshot back right after ``optimizer.step()`` and before ``zero_grad()``, so the frozen values are
+   bitwise those of the snapshot at every step boundary.
 
-Only the frozen slices are snapshotted: the extra memory is the frozen fraction of the affected tensors.
+Only the frozen slices are snapshotted: the extra memory is the frozen fraction of the affected tensors. Where the
+snapshot lives is a choice (``snapshot_device``): next to each parameter (default; fastest restore), or in host
+memory (``"cpu"``; pinned when the parameter is on CUDA, restored with non-blocking host-to-device copies), for
+policies that freeze most of a model's weights on a GPU short of memory.
 
-On CPU the masking and restore ops run with one intra-op thread: they move a few kilobytes each, and a parallel
-region costs far more than the work as soon as another process competes for the cores (measured: ``index_copy_``
-of a 576 x 115 slice took 12-30 ms with 2 threads on a loaded 2-core machine, 0.1 ms with 1; see
-``benchmarks/results/overhead.md``). GPU tensors are not affected.
+The per-step ops are :func:`write_slice` (``index_copy_``) and :func:`zero_slice` (``index_fill_``). On CPU they run
+with one intra-op thread: a parallel region costs more than the work as soon as another process competes for the cores
+(``benchmarks/results/overhead.md``). GPU tensors are not affected.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ssah_plugin.core.plan import FrozenSlice
+from ssah_plugin.core.frozen_slice import FrozenSlice
 
-__all__ = ["FreezeEngine", "GradMode", "is_schedule_free", "unwrap_optimizer"]
+__all__ = ["FreezeEngine", "GradMode", "SnapshotDevice", "is_schedule_free", "unwrap_optimizer", "write_slice",
+           "zero_slice"]
 
 logger = logging.getLogger(__name__)
 
 GradMode = Literal["tensor", "post_accumulate", "none"]
+SnapshotDevice = Literal["param", "cpu"]
+GRAD_MODES: tuple[str, ...] = ("tensor", "post_accumulate", "none")
+SNAPSHOT_DEVICES: tuple[str, ...] = ("param", "cpu")
+
+
+def check_snapshot_device(value: object) -> str:
+    """``value`` if it is a valid ``snapshot_device``, else a :class:`ValueError` that names the choices."""
+    if value not in SNAPSHOT_DEVICES:
+        raise ValueError(
+            f"snapshot_device must be 'param' (keep the snapshot of the frozen values next to each parameter, e.g. "
+            f"on its GPU: fastest restore) or 'cpu' (keep it in host memory, pinned when the parameters are on CUDA, "
+            f"and restore with non-blocking copies: frees GPU memory), got {value!r}")
+    return str(value)
 
 
 @contextlib.contextmanager
@@ -59,6 +77,22 @@ def _on(index: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
     return cache[key]
 
 
+def write_slice(target: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (``index_select(axis, index)``-shaped, ``target``'s device and dtype) into ``target``.
+
+    The one restore primitive of the package: ``index_copy_``, one vectorised op per slice. Measured against
+    ``index_put_`` on an axis-first view, ``masked_fill_`` / ``masked_scatter_`` with a broadcast mask, flat
+    per-element indices and ``scatter_`` on the SmolLM2-135M slices, it was the fastest exact op on CPU
+    (``benchmarks/results/overhead.md``).
+    """
+    target.index_copy_(axis, index, values)
+
+
+def zero_slice(target: torch.Tensor, axis: int, index: torch.Tensor) -> None:
+    """Zero ``target``'s ``index`` entries along ``axis`` in place (``index_fill_``: the gradient-masking primitive)."""
+    target.index_fill_(axis, index, 0)
+
+
 def unwrap_optimizer(optimizer: object) -> list:
     """The chain of optimizers from the outermost wrapper inwards (accelerate, DeepSpeed, ours).
 
@@ -76,61 +110,58 @@ def unwrap_optimizer(optimizer: object) -> list:
 _PARAM_STATE_KEYS = ("z", "x", "y")
 
 
-def is_schedule_free(optimizer) -> bool:
-    """True for schedule-free optimizers (``schedulefree`` package, or any with ``train_mode`` in its groups)."""
-    if type(optimizer).__module__.split(".")[0] == "schedulefree":
-        return True
+def is_schedule_free(optimizer: object) -> bool:
+    """True for schedule-free optimizers: the ``train_mode`` flag their param groups (or they) carry.
+
+    That flag is the protocol transformers and accelerate use to recognise them too (``schedulefree`` package and its
+    reference variants; ``optim="schedule_free_*"`` in transformers).
+    """
     groups = getattr(optimizer, "param_groups", None) or []
     return any(isinstance(g, dict) and "train_mode" in g for g in groups) or hasattr(optimizer, "train_mode")
 
 
-@torch.no_grad()
-def _sync_state(optimizer, slices: list[FrozenSlice], snapshots: list[torch.Tensor]) -> None:
-    """Write the frozen values into the parameter-valued state of a schedule-free optimizer (see bind_optimizer)."""
-    state = getattr(optimizer, "state", None)
-    if not state:
-        return
-    for s, snap in zip(slices, snapshots):
-        st = state.get(s.param)
-        if not st:
-            continue
-        for key in _PARAM_STATE_KEYS:
-            t = st.get(key)
-            if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
-                t.index_copy_(s.axis, s.index.to(t.device), snap.to(device=t.device, dtype=t.dtype))
-
-
 class FreezeEngine:
-    """Keep a list of :class:`~ssah_plugin.core.plan.FrozenSlice` exact on plain PyTorch parameters.
+    """Keep a list of :class:`~ssah_plugin.core.frozen_slice.FrozenSlice` exact on plain PyTorch parameters.
 
     Args:
         slices: what to freeze (from :func:`ssah_plugin.core.plan.plan_frozen_slices`).
-        grad_mode: ``"tensor"`` masks with ``Tensor.register_hook`` (runs when the gradient is computed, before it
-            is accumulated into ``.grad`` and before DDP / DeepSpeed reduction hooks see it: safe everywhere);
-            ``"post_accumulate"`` zeroes ``.grad`` in place after accumulation (no extra copy; single process only);
-            ``"none"`` leaves gradients alone (restore only).
+        grad_mode: ``"tensor"`` masks with ``Tensor.register_hook`` (runs inside ``backward()`` when the gradient is
+            computed, before it is accumulated into ``.grad`` and before DDP / DeepSpeed reduction hooks see it:
+            safe everywhere; one temporary gradient-sized copy per frozen tensor); ``"post_accumulate"`` zeroes
+            ``.grad`` in place right after each accumulation inside ``backward()`` (no copy; single process only);
+            ``"none"`` leaves gradients alone (restore only: clipping then counts frozen gradients).
+        cover_untrainable: also keep the frozen slices of parameters that do not require gradients now (they may be
+            unfrozen later); PEFT's frozen base weights excepted.
+        model: the model, needed only with ``cover_untrainable`` (a forward pre-hook gives a parameter unfrozen later
+            its gradient hook before its first backward).
+        snapshot_device: ``"param"`` (default) keeps the snapshot on each parameter's device; ``"cpu"`` keeps it in
+            host memory (pinned when the parameter is on CUDA) and restores with non-blocking host-to-device copies
+            enqueued on the current stream, before the next forward's kernels: the weights are exact whenever
+            anything reads them, and the GPU holds none of the snapshot between steps.
 
     Lifecycle: :meth:`attach` once before the first backward (snapshot + hooks); :meth:`after_step` after every
-    ``optimizer.step()``; :meth:`detach` at the end.
+    ``optimizer.step()`` and before ``zero_grad()``; :meth:`detach` at the end.
     """
 
     def __init__(self, slices: list[FrozenSlice], grad_mode: GradMode = "tensor", *, cover_untrainable: bool = False,
-                 model: nn.Module | None = None):
-        if grad_mode not in ("tensor", "post_accumulate", "none"):
+                 model: nn.Module | None = None, snapshot_device: SnapshotDevice = "param"):
+        if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be 'tensor', 'post_accumulate' or 'none', got {grad_mode!r}")
+        self.snapshot_device = check_snapshot_device(snapshot_device)
         self.slices = [s for s in slices
                        if s.param.requires_grad or (cover_untrainable and not s.meta.get("peft_base"))]
         self.grad_mode = grad_mode
         self.model = model
         self.base_check = None  # set by ssah_plugin.hosts.enforce.build_enforcer
         self._snapshots: list[torch.Tensor] = []
+        self._index_cache: list[dict] = [{} for _ in self.slices]
         self._handles: list = []
         self._hooked: set[int] = set()
         self._watch = None
         self._state_optimizers: list = []
         self.attached = False
 
-    def bind_optimizer(self, optimizer) -> None:
+    def bind_optimizer(self, optimizer: object) -> None:
         """Keep the frozen entries of ``optimizer``'s parameter-valued state exact too (schedule-free optimizers).
 
         Schedule-free optimizers (the ``schedulefree`` package; ``optim="schedule_free_*"`` in transformers) keep a
@@ -142,16 +173,16 @@ class FreezeEngine:
         self._state_optimizers = [o for o in unwrap_optimizer(optimizer) if is_schedule_free(o)]
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self) -> "FreezeEngine":
+    def attach(self) -> FreezeEngine:
         """Snapshot the frozen slices and register gradient hooks (call before the first backward)."""
         if self.attached:
             return self
         with torch.no_grad():
-            self._snapshots = [
-                s.param.index_select(s.axis, s.index).clone() if s.fill is None
-                else torch.full_like(s.param.index_select(s.axis, s.index), s.fill)
-                for s in self.slices
-            ]
+            self._snapshots = []
+            for s, cache in zip(self.slices, self._index_cache):
+                values = s.param.index_select(s.axis, _on(s.index, s.param.device, cache))
+                self._snapshots.append(self._store(values if s.fill is None else torch.full_like(values, s.fill),
+                                                   s.param))
         self._ensure_hooks()
         if self.model is not None and any(not s.param.requires_grad for s in self.slices):
             # A parameter unfrozen later gets its gradient hook before its first backward (forward pre-hook).
@@ -161,23 +192,33 @@ class FreezeEngine:
         self.after_step()
         return self
 
+    def _store(self, values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Keep ``values`` (a fresh tensor: ``index_select`` / ``full_like`` / ``to`` output) as a snapshot of ``param``."""
+        if self.snapshot_device == "param":
+            return values
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=param.device.type == "cuda")
+        host.copy_(values)  # blocking: the snapshot is complete before anything can change the parameter
+        return host
+
     def _ensure_hooks(self) -> None:
         """Register gradient hooks on every frozen parameter that requires gradients and has none yet."""
         if self.grad_mode == "none":
             return
-        for s in self.slices:
+        for s, cache in zip(self.slices, self._index_cache):
             key = id(s)
             if key not in self._hooked and s.param.requires_grad:
-                self._handles.append(self._register(s))
+                self._handles.append(self._register(s, cache))
                 self._hooked.add(key)
 
-    def _register(self, s: FrozenSlice):
-        axis, index, cache = s.axis, s.index, {}
+    def _register(self, s: FrozenSlice, cache: dict):
+        axis, index = s.axis, s.index
         if self.grad_mode == "tensor":
             # Runs inside backward() when this parameter's gradient is computed, before accumulation into .grad.
             def _mask(g: torch.Tensor) -> torch.Tensor:
                 with _small_op_threads(g.device):
-                    return g.index_fill(axis, _on(index, g.device, cache), 0)
+                    out = g.clone()  # a tensor hook must not modify its argument
+                    zero_slice(out, axis, _on(index, g.device, cache))
+                    return out
 
             return s.param.register_hook(_mask)
 
@@ -185,30 +226,80 @@ class FreezeEngine:
         def _zero(p: torch.Tensor) -> None:
             if p.grad is not None:
                 with _small_op_threads(p.grad.device):
-                    p.grad.index_fill_(axis, _on(index, p.grad.device, cache), 0)
+                    zero_slice(p.grad, axis, _on(index, p.grad.device, cache))
 
         return s.param.register_post_accumulate_grad_hook(_zero)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Write the snapshot back into every frozen slice (call right after ``optimizer.step()``)."""
+        """Write the snapshot back into every frozen slice (call right after ``optimizer.step()``, before
+        ``zero_grad()`` and the next forward)."""
         if not self.slices:
             return
         with _small_op_threads(self.slices[0].param.device):
-            for i, (s, snap) in enumerate(zip(self.slices, self._snapshots)):
-                dev = s.param.device
-                if snap.device != dev or snap.dtype != s.param.dtype:
-                    # The model was moved (accelerate.prepare, .to()) or cast (model.to(torch.bfloat16)) after
-                    # attach. A cast rounds the base values exactly as the snapshot's cast does, so following it
-                    # keeps the frozen values those of the base in the new dtype.
-                    snap = self._snapshots[i] = snap.to(device=dev, dtype=s.param.dtype)
-                if s.index.device != dev:
-                    s.index = s.index.to(dev)
-                s.param.index_copy_(s.axis, s.index, snap)
+            for i, s in enumerate(self.slices):
+                self._write_into(i, s.param)
             for opt in self._state_optimizers:
-                _sync_state(opt, self.slices, self._snapshots)
+                self._sync_state(opt)
         if self._watch is not None:
             self._ensure_hooks()
+
+    def _snapshot(self, i: int) -> torch.Tensor:
+        """Slice ``i``'s snapshot in its parameter's dtype, following a cast or a move of the model after attach."""
+        snap, param = self._snapshots[i], self.slices[i].param
+        if snap.dtype != param.dtype:
+            # The model was cast after attach (model.to(torch.bfloat16)). A cast rounds the base values exactly as
+            # the snapshot's cast does, so following it keeps the frozen values those of the base in the new dtype.
+            snap = self._snapshots[i] = self._store(snap.to(dtype=param.dtype), param)
+        if self.snapshot_device == "param" and snap.device != param.device:
+            snap = self._snapshots[i] = snap.to(param.device)  # moved after attach (accelerate.prepare, .to())
+        elif self.snapshot_device == "cpu" and param.device.type == "cuda" and not snap.is_pinned():
+            snap = self._snapshots[i] = snap.pin_memory()  # moved to CUDA after attach
+        return snap
+
+    def _values(self, i: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Slice ``i``'s snapshot on ``device`` in ``dtype``.
+
+        From pinned host memory the copy is non-blocking: it is enqueued on the current CUDA stream, after the
+        optimizer's kernels and before those of the next forward, so every reader on that stream sees the restored
+        values, and a host-side read (``.cpu()``, ``.item()``, saving a checkpoint) synchronises first.
+        """
+        snap = self._snapshot(i)
+        if snap.device == device and snap.dtype == dtype:
+            return snap
+        pinned = snap.device.type == "cpu" and device.type == "cuda" and snap.is_pinned()
+        return snap.to(device=device, dtype=dtype, non_blocking=pinned)
+
+    def _sync_state(self, optimizer: object) -> None:
+        """Write the frozen values into the parameter-valued state of a schedule-free optimizer (see bind_optimizer)."""
+        state = getattr(optimizer, "state", None)
+        if not state:
+            return
+        for i, s in enumerate(self.slices):
+            st = state.get(s.param)
+            for key in _PARAM_STATE_KEYS if st else ():
+                t = st.get(key)
+                if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
+                    self._write_into(i, t)
+
+    def _write_into(self, i: int, target: torch.Tensor) -> None:
+        s = self.slices[i]
+        write_slice(target, s.axis, _on(s.index, target.device, self._index_cache[i]),
+                    self._values(i, target.device, target.dtype))
+
+    def write_frozen_into(self, param: torch.Tensor, target: torch.Tensor) -> bool:
+        """Write the frozen values of ``param`` into ``target``, a tensor of its shape (an EMA copy, a state entry).
+
+        Returns whether ``param`` has frozen slices here (``target`` of another shape is left alone). Call it right
+        after whatever updated ``target``.
+        """
+        found = False
+        with torch.no_grad():
+            for i, s in enumerate(self.slices):
+                if s.param is param and target.shape == param.shape:
+                    self._write_into(i, target)
+                    found = True
+        return found
 
     def detach(self) -> None:
         """Remove the gradient hooks (the snapshot is kept for :meth:`max_drift`)."""
@@ -226,8 +317,8 @@ class FreezeEngine:
     def max_drift(self) -> float:
         """Largest absolute difference between any frozen value and its snapshot (0.0 when exact)."""
         worst = 0.0
-        for s, snap in zip(self.slices, self._snapshots):
-            cur = s.param.index_select(s.axis, s.index.to(s.param.device))
+        for s, snap, cache in zip(self.slices, self._snapshots, self._index_cache):
+            cur = s.param.index_select(s.axis, _on(s.index, s.param.device, cache))
             snap = snap.to(device=cur.device, dtype=cur.dtype)
             if not torch.equal(cur, snap):
                 worst = max(worst, float((cur.double() - snap.double()).abs().max()))
@@ -239,4 +330,5 @@ class FreezeEngine:
 
     @property
     def snapshot_bytes(self) -> int:
+        """Bytes the snapshot holds (on the parameters' devices, or in host memory with ``snapshot_device="cpu"``)."""
         return sum(t.numel() * t.element_size() for t in self._snapshots)

@@ -1,40 +1,57 @@
 """``SSAHCallback``: the one added line for transformers ``Trainer`` and every TRL trainer.
 
     trainer = SFTTrainer(..., callbacks=[SSAHCallback("mask.safetensors")])
+    # or, to run ahead of the Trainer's own callbacks (reporting integrations, TRL's BEMACallback):
+    SSAHCallback("mask.safetensors").add_to(trainer)
 
 When each hook runs (transformers' training loop, without DeepSpeed):
 
 * ``__init__``: reads and checks the mask file (format, version, corruption); nothing model-specific yet.
+* :meth:`SSAHCallback.add_to` (optional, after the trainer is built): validates the mask against the model and puts
+  the callback first in the trainer's list, with transformers' own ``add_callback`` / ``pop_callback``.
 * ``on_init_end`` (end of ``Trainer.__init__``, callbacks passed to the constructor only): validates the mask against
   the model, so a wrong mask fails before any data loading.
 * ``on_train_begin`` (after ``accelerator.prepare``, PEFT wrapping and checkpoint loading; before the first
   forward; at every ``train()`` call, also after ``add_callback`` and on resume): validates again against the final
   parameters, checks that the values about to be frozen are exactly the mask's base values (digests, mask format
   v2), compares a resumed checkpoint's saved plugin state (frozen set, policy) with this run's, snapshots the frozen
-  slices, registers gradient hooks. Under DeepSpeed it also wraps the ZeRO optimizer's ``step`` (which runs inside
-  ``backward`` there). With TRL's ``BEMACallback`` in the same trainer, its EMA copy is kept exact too.
+  slices, registers gradient hooks. Under DeepSpeed the restore is attached to the ZeRO optimizer's step instead
+  (which runs inside ``backward`` there).
 * checkpoint saves: :meth:`SSAHCallback.state` (transformers' ``ExportableState``) writes the plugin's state into
   ``trainer_state.json`` (``stateful_callbacks.SSAHCallback``): policy, frozen-set digest, digest of the frozen
   values, mask checksum. A resume reads it back from the checkpoint's ``TrainerState``.
 * during ``backward()``: gradient hooks zero the frozen slices, so grad-norm clipping (which runs next) ignores them.
 * ``on_optimizer_step`` (right after ``optimizer.step()``, before the scheduler and ``zero_grad()``): writes the
-  snapshot back into the frozen slices, bitwise.
-* ``on_log``: adds ``ssah/frozen_fraction`` and ``ssah/frozen_units`` to the first log record, so they reach
-  TensorBoard / W&B / MLflow.
-* ``on_train_end``: checks that every frozen value equals its snapshot, logs a summary, removes the hooks.
+  snapshot back into the frozen slices, bitwise. transformers calls every callback's ``on_optimizer_step`` before
+  any ``on_step_end``, ``on_log``, ``on_save`` or ``on_evaluate``, so from ``on_step_end`` on every callback sees the
+  exact values wherever this callback sits in the list.
+* ``on_log`` (first call): adds ``ssah/frozen_fraction`` and ``ssah/frozen_units`` to the log record; the callbacks
+  after this one (and ``trainer_state.json``) receive them.
+* ``on_train_end``: checks that every frozen value equals its snapshot, writes the frozen values into TRL
+  ``BEMACallback`` copies (before they save, when this callback runs first), logs a summary, removes the hooks.
+
+**Position in the callback list.** ``Trainer(callbacks=[...])`` appends the given callbacks after transformers' own
+(``DefaultFlowCallback``, the ``report_to`` integrations), and a callback is never given the trainer, so it cannot
+move itself. The weights do not depend on the position (see ``on_optimizer_step``). Two things do:
+the reporting integrations log ``on_log`` records as they receive them, and ``BEMACallback`` saves its copy in its
+own ``on_train_end``. :meth:`SSAHCallback.add_to` puts the callback first so that both see the final values.
 """
 from __future__ import annotations
 
-import gc
 import logging
+import sys
 import warnings
+import weakref
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ssah_plugin.core.engine import FreezeEngine, SnapshotDevice, check_snapshot_device
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.errors import ResumeMismatchError
 from ssah_plugin.hosts.enforce import build_enforcer
+from ssah_plugin.hosts.peft import check_peft_setup
 from ssah_plugin.hosts.setup import MaskLike, load_mask
 from ssah_plugin.hosts.zero import zero_stage
 
@@ -52,6 +69,8 @@ class SSAHCallback(TrainerCallback, ExportableState):
         policy: which units to freeze (see :mod:`ssah_plugin.core.policies`); default: the mask's default policy.
         check_fingerprint: refuse a model whose weights are not those the mask was made from.
         grad_mode: gradient masking mode (:class:`~ssah_plugin.core.engine.FreezeEngine`); ``"auto"`` picks per host.
+        snapshot_device: where the frozen values' snapshot lives: ``"param"`` (default, next to each parameter) or
+            ``"cpu"`` (host memory, pinned on CUDA machines; frees GPU memory when most weights are frozen).
 
     Example:
         >>> from ssah_plugin import SSAHCallback
@@ -60,7 +79,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, mask: MaskLike | None = None, policy: str | None = None, *, check_fingerprint: bool = True,
-                 grad_mode: str = "auto"):
+                 grad_mode: str = "auto", snapshot_device: SnapshotDevice = "param"):
         if mask is None:
             raise TypeError(
                 "SSAHCallback needs a mask (path or ssah_plugin.Mask). If this comes from "
@@ -73,12 +92,13 @@ class SSAHCallback(TrainerCallback, ExportableState):
         self.mask.frozen(self.policy)  # unknown policy -> error now, not at train time
         self.check_fingerprint = check_fingerprint
         self.grad_mode = grad_mode
+        self.snapshot_device = check_snapshot_device(snapshot_device)
         self.enforcer = None
+        self._trainer: weakref.ref | None = None  # set by add_to
         self._logged = False
         self._steps = 0
         self.summary: dict = {}
         self.record: dict = self._record()
-        self._bema: list = []
 
     # ------------------------------------------------------------------ saved with checkpoints
     def _record(self, values_digest: str | None = None) -> dict:
@@ -90,18 +110,39 @@ class SSAHCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """What each checkpoint records about the plugin (``trainer_state.json``), read back on resume."""
         return {"args": {"mask": self._mask_source, "policy": self.policy, "check_fingerprint": self.check_fingerprint,
-                         "grad_mode": self.grad_mode},
+                         "grad_mode": self.grad_mode, "snapshot_device": self.snapshot_device},
                 "attributes": {"record": dict(self.record)}}
 
     # ------------------------------------------------------------------ set-up
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            from ssah_plugin.hosts.peft import check_peft_setup
+    def add_to(self, trainer) -> SSAHCallback:
+        """Add this callback to ``trainer`` ahead of every other callback; returns ``self``.
 
+        Call it once the trainer is built (and before ``train()``). It validates the mask against the model now, as
+        ``on_init_end`` does for constructor callbacks, then reorders the trainer's list with transformers' public
+        ``Trainer.pop_callback`` / ``add_callback``: every other callback is taken out and added back in its order,
+        after this one. The callback then runs first at every event: its ``on_log`` additions reach the reporting
+        integrations (TensorBoard, W&B, MLflow, ...), and at ``on_train_end`` it writes the frozen values into TRL
+        ``BEMACallback`` copies before they are saved. A callback added to the trainer later runs after it.
+        """
+        self.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        if not any(c is self for c in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        others = [c for c in trainer.callback_handler.callbacks if c is not self]
+        for cb in others:
+            trainer.pop_callback(cb)
+        for cb in others:
+            trainer.add_callback(cb)
+        self._trainer = weakref.ref(trainer)
+        return self
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """End of ``Trainer.__init__`` (constructor callbacks only): validate the mask against the model."""
+        if model is not None:
             check_peft_setup(model)  # TRL wraps with peft_config before this hook: refuse DoRA etc. here
             self.mask.validate(model, check_fingerprint=self.check_fingerprint and zero_stage(model) != 3)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Start of ``train()``, before the first forward: check everything, snapshot, register gradient hooks."""
         if model is None:
             raise RuntimeError("SSAHCallback needs the model in on_train_begin; use it with transformers.Trainer")
         if self.enforcer is not None:  # a second train() call on the same trainer
@@ -115,7 +156,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
         self.mask, self.enforcer = build_enforcer(
             self.mask, model, self.policy, optimizer=optimizer,
             check_fingerprint=self.check_fingerprint and not resumed, check_values=self.check_fingerprint,
-            grad_mode=self.grad_mode,
+            grad_mode=self.grad_mode, snapshot_device=self.snapshot_device,
         )
         report = self.enforcer.base_check
         if resumed:
@@ -126,9 +167,11 @@ class SSAHCallback(TrainerCallback, ExportableState):
             # a checkpoint written without the plugin has no entry, and the Trainer's save would fail on it
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self.enforcer.attach()
-        self._hook_bema()
-        self._move_to_front()
         self._steps = 0
+        if self._trainer is None and state.is_world_process_zero and getattr(args, "report_to", None):
+            logger.info("ssah-plugin: the reporting integrations (%s) run before callbacks passed to Trainer(...) "
+                        "and will not receive ssah/frozen_* (trainer_state.json does); SSAHCallback(...)"
+                        ".add_to(trainer) runs the plugin first", ", ".join(map(str, args.report_to)))
         self.summary = {
             "policy": self.policy,
             "frozen_units": self.mask.summary(self.policy)["frozen_units"],
@@ -181,58 +224,46 @@ class SSAHCallback(TrainerCallback, ExportableState):
             "the base model")
 
     # ------------------------------------------------------------------ TRL's BEMACallback
-    def _hook_bema(self) -> None:
-        """Keep the EMA copy of TRL's ``BEMACallback`` (saved to ``output_dir/bema``) exact on frozen units.
+    def _bema_callbacks(self) -> list:
+        """TRL ``BEMACallback`` instances in the trainer given to :meth:`add_to` (none without it)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        module = sys.modules.get("trl.trainer.callbacks")  # no BEMACallback can exist before TRL defines it
+        bema_cls = getattr(module, "BEMACallback", None)
+        if trainer is None or not isinstance(bema_cls, type):
+            return []
+        return [c for c in trainer.callback_handler.callbacks if isinstance(c, bema_cls)]
 
-        BEMA updates ``ema = (1 - b) * ema + b * theta`` after every step: for a frozen value that is rounded again
-        each time (drift ~1e-8). We wrap that one instance's update so that right after it runs the frozen slices of
-        its EMA buffers and of its running model are written back. Only for the plain PyTorch host.
+    def _restore_bema(self) -> None:
+        """Write the frozen values into each BEMA copy (EMA buffers, running model) before BEMA saves it.
+
+        BEMA updates ``ema = (1 - b) * ema + b * theta`` at every ``on_step_end``, which rounds a frozen value again
+        each time (drift ~1e-8), and saves its running model to ``output_dir/bema`` in its ``on_train_end``; this
+        runs in this callback's ``on_train_end``, which comes first after :meth:`add_to`.
         """
-        from ssah_plugin.core.engine import FreezeEngine
-
-        for cb in self._bema:
-            cb.__dict__.pop("_update_bema_weights", None)
-        self._bema = [c for c in _handler_callbacks(self) if type(c).__name__ == "BEMACallback"
-                      and callable(getattr(c, "_update_bema_weights", None))]
-        if not self._bema:
+        bemas = self._bema_callbacks()
+        if not bemas:
             return
         if not isinstance(self.enforcer, FreezeEngine):
             warnings.warn("ssah-plugin: TRL's BEMACallback under DeepSpeed: its EMA copy (output_dir/bema) is not "
                           "kept exact on frozen units; use the trained model, which is", RuntimeWarning, stacklevel=3)
-            self._bema = []
             return
-        enforcer = self.enforcer
-        for cb in self._bema:
-            original = type(cb)._update_bema_weights.__get__(cb)
-
-            def update(step, cb=cb, original=original):
-                original(step)
-                _restore_bema(cb, enforcer)
-
-            cb._update_bema_weights = update
-
-    def _move_to_front(self) -> None:
-        """Run before the reporting callbacks so that our first ``on_log`` additions reach them.
-
-        The Trainer's ``CallbackHandler`` keeps callbacks in a list; we only reorder that list (found as the list
-        that holds this callback and the Trainer's ``DefaultFlowCallback``, so a user's own list is left alone),
-        nothing global. If it cannot be found, the summary still reaches ``trainer_state.json`` and the logs.
-        """
-        from transformers.trainer_callback import DefaultFlowCallback
-
-        for ref in gc.get_referrers(self):
-            if (isinstance(ref, list) and ref and ref[0] is not self
-                    and all(isinstance(c, TrainerCallback) for c in ref)
-                    and any(isinstance(c, DefaultFlowCallback) for c in ref)):
-                ref.remove(self)
-                ref.insert(0, self)
+        for bema in bemas:
+            run = getattr(bema, "running_model", None)
+            run_params = dict(run.named_parameters()) if run is not None else {}
+            for name, theta, ema in zip(getattr(bema, "param_names", []), getattr(bema, "thetat_params", []),
+                                        getattr(bema, "ema_params", [])):
+                for copy in (ema, run_params.get(name)):
+                    if isinstance(copy, torch.Tensor):
+                        self.enforcer.write_frozen_into(theta, copy)
 
     # ------------------------------------------------------------------ every step
     def on_optimizer_step(self, args, state, control, **kwargs):
+        """Right after ``optimizer.step()``, before the LR scheduler, ``zero_grad()`` and ``on_step_end``: restore."""
         self.enforcer.after_step()
         self._steps += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """After the Trainer built a log record (first one only): add the frozen fraction and unit count."""
         if not self._logged and logs is not None and self.summary:
             added = {"ssah/frozen_fraction": round(self.summary["frozen_fraction"], 6),
                      "ssah/frozen_units": self.summary["frozen_units"]}
@@ -243,10 +274,12 @@ class SSAHCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ end
     def on_train_end(self, args, state, control, **kwargs):
+        """End of ``train()``, after the last step: check for drift, fix BEMA copies, remove the hooks."""
         if self.enforcer is None:
             return
         drift = self.enforcer.max_drift()
         self.summary.update(steps=self._steps, max_drift=drift)
+        self._restore_bema()
         self.enforcer.detach()
         if drift != 0.0:
             warnings.warn(
@@ -268,32 +301,3 @@ def _saved_record(state) -> dict | None:
         return None
     record = (entry.get("attributes") or {}).get("record")
     return record if isinstance(record, dict) and record.get("frozen_set") else None
-
-
-def _handler_callbacks(cb) -> list:
-    """The Trainer's callback list that holds ``cb`` (found as in ``_move_to_front``), or ``[]``."""
-    from transformers.trainer_callback import DefaultFlowCallback
-
-    for ref in gc.get_referrers(cb):
-        if (isinstance(ref, list) and any(c is cb for c in ref) and all(isinstance(c, TrainerCallback) for c in ref)
-                and any(isinstance(c, DefaultFlowCallback) for c in ref)):
-            return list(ref)
-    return []
-
-
-def _restore_bema(bema, enforcer) -> None:
-    """Write the frozen values into BEMA's EMA buffers and its running model (right after its update)."""
-    import torch
-
-    index_of = {id(p): i for i, p in enumerate(getattr(bema, "thetat_params", []))}
-    names = getattr(bema, "param_names", [])
-    run = getattr(bema, "running_model", None)
-    run_params = dict(run.named_parameters()) if run is not None else {}
-    with torch.no_grad():
-        for s, snap in zip(enforcer.slices, enforcer._snapshots):
-            i = index_of.get(id(s.param))
-            if i is None:
-                continue
-            for t in (bema.ema_params[i], run_params.get(names[i]) if i < len(names) else None):
-                if isinstance(t, torch.Tensor) and t.shape == s.param.shape:
-                    t.index_copy_(s.axis, s.index.to(t.device), snap.to(device=t.device, dtype=t.dtype))

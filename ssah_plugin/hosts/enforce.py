@@ -5,44 +5,54 @@ Everything that can be refused is refused here, before the first training step.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import nn
 
-from ssah_plugin.core.engine import FreezeEngine, GradMode, unwrap_optimizer
+from ssah_plugin.core.engine import (
+    FreezeEngine,
+    GradMode,
+    SnapshotDevice,
+    check_snapshot_device,
+)
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
 from ssah_plugin.hosts.peft import check_peft_setup
 from ssah_plugin.hosts.setup import Enforcer, MaskLike, load_mask, run_base_check
-from ssah_plugin.hosts.zero import zero_stage
+from ssah_plugin.hosts.zero import uses_deepspeed
 
 __all__ = ["build_enforcer", "detect_host"]
 
 logger = logging.getLogger(__name__)
 
 
-def _is_deepspeed(model: nn.Module | None, optimizer) -> bool:
-    names = [type(o).__module__ for o in unwrap_optimizer(optimizer)]
-    if model is not None:
-        names.append(type(model).__module__)
-        if zero_stage(model) == 3:
-            return True
-    return any(n.startswith("deepspeed") for n in names)
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` if ``module`` is imported already: no object can be an instance of a class not yet loaded."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
 
 
-def detect_host(model: nn.Module, optimizer=None) -> str:
-    """``"deepspeed"``, ``"torch"`` (plain, DDP, accelerate without DeepSpeed); FSDP is refused."""
-    if _is_deepspeed(model, optimizer):
+def _is_fsdp(model: nn.Module) -> bool:
+    """FSDP (``FullyShardedDataParallel`` or FSDP2's ``fully_shard``) or DTensor parameters (tensor parallelism)."""
+    kinds = tuple(c for c in (_loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel"),
+                              _loaded_class("torch.distributed.fsdp", "FSDPModule")) if c is not None)
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    return bool(kinds) and any(isinstance(m, kinds) for m in model.modules()) or \
+        dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def detect_host(model: nn.Module, optimizer: object = None) -> str:
+    """``"deepspeed"``, ``"torch"`` (plain, DDP, accelerate without DeepSpeed); FSDP and DTensors are refused."""
+    if uses_deepspeed(model, optimizer):  # ZeRO or not (an fp16 optimizer without ZeRO is refused there)
         return "deepspeed"
-    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()) or any(
-        type(p).__name__ == "DTensor" for p in model.parameters()
-    ):
+    if _is_fsdp(model):
         raise UnsupportedSetupError(
-            "FSDP is not supported by ssah-plugin yet: its sharded parameters cannot be restored slice by slice. "
-            "Use DeepSpeed ZeRO-3 for sharded training (integrations/deepspeed/zero3.json) or single-process/DDP"
-        )
+            "FSDP (and DTensor-sharded parameters) is not supported by ssah-plugin yet: its sharded parameters cannot "
+            "be restored slice by slice. Use DeepSpeed ZeRO-3 for sharded training (integrations/deepspeed/zero3.json) "
+            "or single-process/DDP")
     return "torch"
 
 
@@ -61,6 +71,7 @@ def build_enforcer(
     check_values: bool | None = None,
     grad_mode: GradMode | str = "auto",
     cover_untrainable: bool = True,
+    snapshot_device: SnapshotDevice = "param",
 ) -> tuple[Mask, Enforcer]:
     """Validate ``mask`` against ``model`` and return an attached-ready enforcer for the model's host.
 
@@ -70,13 +81,22 @@ def build_enforcer(
     ``grad_mode="auto"`` uses in-place post-accumulation masking in a single process and tensor hooks (which run
     before any reduction) when several processes train together. ``cover_untrainable`` also keeps the frozen slices
     of parameters that do not require gradients now (progressive unfreezing); PEFT's frozen base weights excepted.
+    ``snapshot_device`` (``"param"`` or ``"cpu"``): where the plain PyTorch engine keeps its snapshot
+    (:class:`~ssah_plugin.core.engine.FreezeEngine`); DeepSpeed keeps its own per-rank fragments (``"param"`` only).
+
+    Runs once at set-up, before the first forward: nothing here runs during ``backward()`` or ``optimizer.step()``.
     """
+    check_snapshot_device(snapshot_device)
     mask = load_mask(mask, policy)
     check_peft_setup(model)  # DoRA, PiSSA, prefix tuning, LoHa...: refused before any other check
     if check_values is None:
         check_values = check_fingerprint
     host = detect_host(model, optimizer)
     if host == "deepspeed":
+        if snapshot_device != "param":
+            raise UnsupportedSetupError(
+                f"snapshot_device={snapshot_device!r} is not supported under DeepSpeed: each rank keeps only the "
+                "frozen values of its own ZeRO partitions, next to them. Fix: leave snapshot_device at 'param'")
         return mask, build_deepspeed_enforcer(mask, model, policy, optimizer, check_fingerprint=check_fingerprint,
                                               check_values=check_values)
     mask.validate(model, check_fingerprint=check_fingerprint)
@@ -85,7 +105,7 @@ def build_enforcer(
     if grad_mode == "auto":
         grad_mode = "tensor" if _distributed() else "post_accumulate"
     engine = FreezeEngine(slices, grad_mode=grad_mode, cover_untrainable=cover_untrainable,  # type: ignore[arg-type]
-                          model=model)
+                          model=model, snapshot_device=snapshot_device)
     if optimizer is not None:
         engine.bind_optimizer(optimizer)
     engine.base_check = report

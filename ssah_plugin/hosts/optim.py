@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssah_plugin.core.engine import SnapshotDevice
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.deepspeed import refuse_under_zero
 from ssah_plugin.hosts.enforce import build_enforcer
 from ssah_plugin.hosts.setup import MaskLike
 from ssah_plugin.hosts.zero import zero_stage
@@ -40,10 +42,13 @@ class SSAHOptimizer(torch.optim.Optimizer):
         policy: which units to freeze; default: the mask's default policy.
         check_fingerprint: refuse weights other than those the mask was made from.
         grad_mode: see :class:`~ssah_plugin.core.engine.FreezeEngine`; ``"auto"`` picks per host.
+        snapshot_device: where the snapshot of the frozen values lives: ``"param"`` (default, next to each
+            parameter) or ``"cpu"`` (host memory, pinned when the parameters are on CUDA; restored with non-blocking
+            copies on the current stream, before the next forward reads the weights).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: MaskLike, policy: str | None = None,
-                 *, check_fingerprint: bool = True, grad_mode: str = "auto"):
+                 *, check_fingerprint: bool = True, grad_mode: str = "auto", snapshot_device: SnapshotDevice = "param"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if zero_stage(model) == 3:
@@ -54,7 +59,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.mask, self.enforcer = build_enforcer(mask, model, policy, optimizer=None,
                                                   check_fingerprint=check_fingerprint, grad_mode=grad_mode,
-                                                  cover_untrainable=True)
+                                                  cover_untrainable=True, snapshot_device=snapshot_device)
         self.enforcer.bind_optimizer(optimizer)  # schedule-free: its z copy of the weights is kept exact too
         self.policy = policy or self.mask.default_policy
         self._check_params_covered(model)
@@ -65,11 +70,7 @@ class SSAHOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         self._wrapping = False
         self.enforcer.attach()
-        from ssah_plugin.hosts.deepspeed import (
-            refuse_under_zero,  # refuses at the first backward if DeepSpeed ZeRO takes over
-        )
-
-        self._zero_guard = refuse_under_zero(self.enforcer.slices)
+        self._zero_guard = refuse_under_zero(self.enforcer.slices)  # refuses at the first backward under ZeRO
 
     def _check_params_covered(self, model: nn.Module) -> None:
         owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -79,14 +80,14 @@ class SSAHOptimizer(torch.optim.Optimizer):
                 "none of the frozen parameters is in this optimizer: was it built for another model (or before PEFT "
                 "wrapped the model)? Build the optimizer from the model you pass here")
 
-    @torch.no_grad()
-    def _restore(self) -> None:
-        self.enforcer.after_step()
-
     def step(self, closure=None):  # type: ignore[override]
-        """Run the wrapped optimizer's step, then restore the frozen slices bitwise."""
+        """Run the wrapped optimizer's step, then restore the frozen slices bitwise (before you call ``zero_grad()``).
+
+        The gradients it steps on were masked during ``backward()`` already (so clipping between ``backward()`` and
+        ``step()`` ignores frozen entries).
+        """
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self._restore()
+        self.enforcer.after_step()
         return loss
 
     def __getattr__(self, name: str):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ssah_plugin.core.digest import BaseCheck, check_base_values
 from ssah_plugin.core.mask import Mask
+from ssah_plugin.core.peft_layout import is_tuner_layer
 from ssah_plugin.errors import FrozenValuesError
 
 __all__ = ["Enforcer", "MaskLike", "load_mask", "run_base_check"]
@@ -61,7 +62,7 @@ def run_base_check(mask: Mask, model: nn.Module, policy: str | None, *, check_va
     if check_values and report.mismatched:
         n_bad = sum(m[1] for m in report.mismatched)
         first = report.mismatched[0]
-        peft = any(type(m).__module__.startswith("peft.") for m in model.modules())
+        peft = any(is_tuner_layer(m) for m in model.modules())
         causes = ("the model (or the checkpoint being resumed) was fine-tuned without this mask or with a narrower "
                   "policy, some unit's weights were replaced, or the model is another one")
         if peft:
