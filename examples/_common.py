@@ -21,7 +21,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def load_model_and_tokenizer(name: str):
     if name.startswith("tiny:"):
-        from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+        from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
         return tiny_model(name.split(":", 1)[1]), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,7 +34,7 @@ def ensure_mask(args, model, tokenizer) -> str:
     if args.mask:
         return args.mask
     from ssah_plugin.data import shipped_data_path
-    from ssah_plugin.locate.runner import LocateConfig, locate
+    from ssah_plugin.locate import LocateConfig, locate
 
     mask = locate(model, tokenizer, safety=str(shipped_data_path("safety_refusals.jsonl")),
                   utility=str(shipped_data_path("benign_instructions.jsonl")),

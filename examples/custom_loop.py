@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import torch
+from _common import base_parser, benign_messages, ensure_mask, load_model_and_tokenizer
 from accelerate import Accelerator
 
-from _common import base_parser, benign_messages, ensure_mask, load_model_and_tokenizer
 from ssah_plugin import SSAHOptimizer
 
 

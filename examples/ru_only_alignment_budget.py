@@ -20,12 +20,12 @@ import random
 from pathlib import Path
 
 import torch
-
 from _common import base_parser, load_model_and_tokenizer
+
 from ssah_plugin import Mask, SSAHCallback
-from ssah_plugin.data import shipped_data_path
-from ssah_plugin.evaluation.generation import chat_pair_ids
 from ssah_plugin.core.plan import plan_frozen_slices
+from ssah_plugin.data import shipped_data_path
+from ssah_plugin.data.chat import chat_pair_ids
 
 #: A ChatML template for base models that ship none (the tiny tokenizer and most chat models have their own).
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -94,7 +94,7 @@ def locate_mask(args, model, tokenizer) -> Mask:
     """``--mask``, or locate on 16 shipped refusals / 16 benign pairs (sequences cut to ``--max-len`` tokens)."""
     if args.mask:
         return Mask.load(args.mask)
-    from ssah_plugin.locate.runner import LocateConfig, locate
+    from ssah_plugin.locate import LocateConfig, locate
 
     mask = locate(model, tokenizer, safety="shipped:safety_refusals.jsonl", utility="shipped:benign_instructions.jsonl",
                   config=LocateConfig(max_samples=16, batch_size=8, max_length=args.max_len, progress=False))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from _common import base_parser, benign_messages, ensure_mask, load_model_and_tokenizer
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from _common import base_parser, benign_messages, ensure_mask, load_model_and_tokenizer
 from ssah_plugin import SSAHCallback
 
 

@@ -96,7 +96,7 @@ def test_too_long_sequence_is_a_data_error_unless_truncated():
 
 def test_own_refusals(monkeypatch):
     import ssah_plugin.evaluation.generation as gen
-    from ssah_plugin.locate.runner import LocateConfig, locate
+    from ssah_plugin.locate import LocateConfig, locate
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     replies = iter(["I'm sorry, but I cannot help with that.", "Sure, here is how to do it step by step.",

@@ -7,6 +7,10 @@
   copy). The reference is the same loop with hand masking and restore.
 * LoRA (PEFT) with ``SSAHOptimizer``; ``bf16`` is a bf16 base model. Checked after ``merge_and_unload``.
 
+Every test runs with the snapshot next to the parameters (``snapshot_device="param"``, the default) and in host
+memory (``"cpu"``: pinned, restored with non-blocking copies when the parameters are on a GPU; on a CPU run both
+modes hold the snapshot in the same memory, so the GPU run is the one that tells them apart).
+
 Each test checks the guarantee itself (every frozen element bitwise equal to the base, every touched tensor's
 unfrozen part moved) and, where a reference exists, that the whole trained model and the grad norms equal the
 reference bitwise. The comparisons run under ``torch.use_deterministic_algorithms`` (``deterministic`` fixture) and
@@ -35,6 +39,7 @@ from ssah_plugin.testing.trainers import HandMaskedTrainer, HandRestore, grad_no
 pytestmark = pytest.mark.usefixtures("deterministic")
 
 PRECISIONS = ["fp32", "bf16"]
+SNAPSHOTS = ["param", "cpu"]
 UNITS = {"model.layers.0.mlp": [0, 3, 127], "model.layers.0.self_attn": [1, 17, 33],
          "model.layers.1.mlp": [64], "model.layers.1.self_attn": [0, 63]}
 MAX_GRAD_NORM = 0.01
@@ -75,8 +80,9 @@ def _args(out, device: torch.device, precision: str) -> TrainingArguments:
         bf16=precision == "bf16", seed=0, disable_tqdm=True, dataloader_num_workers=0)
 
 
+@pytest.mark.parametrize("snapshot", SNAPSHOTS)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_trainer_callback_bitwise(torch_device, precision, tmp_path):
+def test_trainer_callback_bitwise(torch_device, precision, snapshot, tmp_path):
     _need_bf16(torch_device, precision)
     if torch_device.type == "cuda" and torch.cuda.device_count() > 1:
         pytest.skip("the Trainer would wrap the model in DataParallel over every visible GPU; "
@@ -88,7 +94,7 @@ def test_trainer_callback_bitwise(torch_device, precision, tmp_path):
     ref_model = copy.deepcopy(model)
     ds = lm_rows()  # a plain list: no `datasets` package needed on the GPU machine
 
-    cb = SSAHCallback(mask)
+    cb = SSAHCallback(mask, snapshot_device=snapshot)
     trainer = Trainer(model=model, args=_args(tmp_path / "a", torch_device, precision), train_dataset=ds,
                       callbacks=[cb])
     trainer.train()
@@ -99,6 +105,7 @@ def test_trainer_callback_bitwise(torch_device, precision, tmp_path):
 
     assert next(model.parameters()).device.type == torch_device.type
     assert trainer.state.global_step == 4 and cb.summary["steps"] == 4 and cb.summary["max_drift"] == 0.0
+    assert cb.enforcer.snapshot_device == snapshot
     _assert_frozen_exact_rest_moved(dense, base, model)
     norms = grad_norms(trainer)
     assert len(norms) == 4 and norms == grad_norms(ref)  # exact float equality
@@ -123,14 +130,15 @@ def _loop(model, opt, sched, batches, *, hand=None) -> list[torch.Tensor]:
     return norms
 
 
-def _make_opt(model, mask=None):
+def _make_opt(model, mask=None, snapshot="param"):
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    opt = SSAHOptimizer(inner, model, mask) if mask is not None else inner
+    opt = SSAHOptimizer(inner, model, mask, snapshot_device=snapshot) if mask is not None else inner
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
 
 
+@pytest.mark.parametrize("snapshot", SNAPSHOTS)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_custom_loop_optimizer_bitwise(torch_device, precision):
+def test_custom_loop_optimizer_bitwise(torch_device, precision, snapshot):
     _need_bf16(torch_device, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cpu_model = _model("mistral")
@@ -141,7 +149,7 @@ def test_custom_loop_optimizer_bitwise(torch_device, precision):
     dense = dense_frozen_masks(mask, model)
     batches = random_batches(5, device=torch_device)
 
-    opt, sched = _make_opt(model, mask)
+    opt, sched = _make_opt(model, mask, snapshot)
     norms = _loop(model, opt, sched, batches)
     r_opt, r_sched = _make_opt(ref)
     r_norms = _loop(ref, r_opt, r_sched, batches, hand=(dense, base))
@@ -154,8 +162,9 @@ def test_custom_loop_optimizer_bitwise(torch_device, precision):
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("snapshot", SNAPSHOTS)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_lora_optimizer_bitwise_after_merge(torch_device, precision):
+def test_lora_optimizer_bitwise_after_merge(torch_device, precision, snapshot):
     pytest.importorskip("peft")
     import warnings
 
@@ -176,7 +185,7 @@ def test_lora_optimizer_bitwise_after_merge(torch_device, precision):
         warnings.simplefilter("ignore", UserWarning)
         pm = get_peft_model(model, lora)
     inner = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    opt = SSAHOptimizer(inner, pm, mask)
+    opt = SSAHOptimizer(inner, pm, mask, snapshot_device=snapshot)
     for ids in random_batches(3, device=torch_device):
         pm(input_ids=ids, labels=ids).loss.backward()
         opt.step()

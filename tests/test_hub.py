@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def located(tiny_llama):
     """A classified mask from a real (small) locate run on the shipped data: default policy scu+cu6."""
-    from ssah_plugin.locate.runner import LocateConfig, locate
+    from ssah_plugin.locate import LocateConfig, locate
 
     model, tok = tiny_llama
     with warnings.catch_warnings():

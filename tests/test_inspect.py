@@ -9,7 +9,7 @@ import torch
 from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.units import describe_units
 from ssah_plugin.io.tiny import tiny_model
-from ssah_plugin.locate.runner import LocateConfig, build_mask
+from ssah_plugin.locate import LocateConfig, build_mask
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,8 @@ def convert(gguf: Path, model_dir: Path) -> Path:
     done = model_dir / ".done"
     if done.exists():
         return model_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

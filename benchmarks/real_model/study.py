@@ -175,7 +175,7 @@ def benign_splits(seed: int = 0) -> dict[str, list[dict]]:
     permutation (seed 0, independent of the run's seed) gives the locate calibration set (first 256) and the pool
     that fine-tuning rows are drawn from."""
     from ssah_plugin.data.rows import load_rows
-    from ssah_plugin.evaluation.evaluate import benign_split
+    from ssah_plugin.data.eval_sets import benign_split
 
     rows = load_rows("shipped:benign_instructions.jsonl")
     train = benign_split(rows, "train")
@@ -245,8 +245,8 @@ def cached(out: Path, name: str, fn: Callable[[], Any]) -> Any:
 def evaluate_model(args, model, tok, out: Path) -> dict:
     """Plain and prefilled refusal on the harmful eval prompts, benign held-out loss, false refusals."""
     from ssah_plugin.evaluation.attacks import prefill_attack
-    from ssah_plugin.evaluation.evaluate import attack_success_rate, benign_loss, false_refusal_rate
     from ssah_plugin.evaluation.judge import RefusalJudge
+    from ssah_plugin.evaluation.metrics import attack_success_rate, benign_loss, false_refusal_rate
 
     rows = eval_rows(args)
     prompts = [r["prompt"] for r in rows]
@@ -308,7 +308,7 @@ def st_refusals(args) -> dict:
 
 def st_locate(args) -> dict:
     def fn(out: Path) -> dict:
-        from ssah_plugin.locate.runner import LocateConfig, locate
+        from ssah_plugin.locate import LocateConfig, locate
 
         ref = need(args, "refusals")
         safety = [json.loads(x) for x in (args.root / ref["path"]).read_text().splitlines()][: args.safety_samples]
@@ -481,7 +481,10 @@ def grid(args, arms: list[str], seeds: list[int]) -> None:
             run_one(args, name)
             run_one(args, f"eval-{name}")
     sys.path.insert(0, str(HERE))
-    from summarize import headline_table, write_summary  # benchmarks/real_model/summarize.py
+    from summarize import (  # benchmarks/real_model/summarize.py
+        headline_table,
+        write_summary,
+    )
 
     summary = write_summary(args.cache)
     print(headline_table(summary, args.setting, arms))

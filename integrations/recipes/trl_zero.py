@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     if a.model == "tiny":  # smoke test: tiny model, tiny tokenizer, a mask built from explicit units
-        from ssah_plugin.testing.tiny import tiny_model, tiny_tokenizer
+        from ssah_plugin.io.tiny import tiny_model, tiny_tokenizer
 
         model, tok = tiny_model("llama", dtype=dtype), tiny_tokenizer()
         mask = Mask.from_units(model, {"model.layers.0.mlp": [1, 2, 3], "model.layers.1.self_attn": range(8)})
