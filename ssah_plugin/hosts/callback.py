@@ -60,6 +60,21 @@ __all__ = ["SSAHCallback"]
 logger = logging.getLogger(__name__)
 
 
+
+def put_first(trainer, callback) -> None:
+    """Make ``callback`` the first of ``trainer``'s callbacks (adding it if absent), the others kept in their order.
+
+    Uses transformers' public ``Trainer.pop_callback`` / ``add_callback``: every other callback is taken out and added
+    back after ``callback``, so it runs first at every event.
+    """
+    if not any(c is callback for c in trainer.callback_handler.callbacks):
+        trainer.add_callback(callback)
+    others = [c for c in trainer.callback_handler.callbacks if c is not callback]
+    for cb in others:
+        trainer.pop_callback(cb)
+    for cb in others:
+        trainer.add_callback(cb)
+
 class SSAHCallback(TrainerCallback, ExportableState):
     """Keep the mask's frozen units bit-exact during ``Trainer.train()``.
 
@@ -125,13 +140,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
         ``BEMACallback`` copies before they are saved. A callback added to the trainer later runs after it.
         """
         self.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
-        if not any(c is self for c in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
-        others = [c for c in trainer.callback_handler.callbacks if c is not self]
-        for cb in others:
-            trainer.pop_callback(cb)
-        for cb in others:
-            trainer.add_callback(cb)
+        put_first(trainer, self)
         self._trainer = weakref.ref(trainer)
         return self
 

@@ -44,6 +44,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.callback import put_first
 from ssah_plugin.io.models import model_device
 from ssah_plugin.recipes.constrained_setup import (
     check_setup,
@@ -150,14 +151,7 @@ class TokenwiseConstraint(TrainerCallback):
                 "is the loss. Fix: build the trainer without compute_loss_func, then constraint.attach(trainer).")
         check_setup(trainer.args, trainer.model, self.reference, padding_free=getattr(trainer, "padding_free", None))
         trainer.compute_loss_func = self
-        # first in the list, with transformers' public pop_callback / add_callback: the others go back in order
-        if not any(c is self for c in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
-        others = [c for c in trainer.callback_handler.callbacks if c is not self]
-        for cb in others:
-            trainer.pop_callback(cb)
-        for cb in others:
-            trainer.add_callback(cb)
+        put_first(trainer, self)  # its log entries reach the reporting integrations
         self._trainer = weakref.ref(trainer)
         self._attach(trainer.model)
         return trainer
