@@ -48,6 +48,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "decision": {"policy": "decision:0.05"},              # locate's decision units (prompt-end separation)
     "conflict": {"policy": "conflict:0.05"},              # locate's task-conflict units (--task-data)
     "replay+decision": {"replay": True, "policy": "decision:0.05"},
+    "replay20": {"replay": True, "replay_share": 0.2},     # a fifth of the stream is own refusals (harmful setting)
+    "replay20+constrained": {"replay": True, "replay_share": 0.2, "constrained": True},
 }
 #: the arm the headline command compares with plain fine-tuning (the product's recommended recipe)
 RECIPE = "replay"
@@ -358,8 +360,9 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         n_user = len(ds)
         callbacks: list = []
         constraint = None
+        share = spec.get("replay_share", args.replay_share)
         if spec.get("replay"):
-            ds = with_refusal_replay(ds, args.root / need(args, "refusals")["path"], share=args.replay_share, seed=seed,
+            ds = with_refusal_replay(ds, args.root / need(args, "refusals")["path"], share=share, seed=seed,
                                      tokenizer=tok, max_length=args.max_len)
         if spec.get("policy"):
             callbacks.append(SSAHCallback(str(args.root / need(args, "locate")["mask"]), policy=spec["policy"]))
@@ -386,7 +389,7 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         steps = trainer.state.global_step
         res: dict[str, Any] = {
             "setting": setting, "arm": arm, "seed": seed, "spec": spec, "user_rows": n_user, "rows": len(ds),
-            "replay_share": args.replay_share if spec.get("replay") else 0.0, "steps": steps,
+            "replay_share": share if spec.get("replay") else 0.0, "steps": steps,
             "effective_batch": args.batch * args.accum, "max_len": args.max_len, "lr": args.lr,
             "schedule": f"cosine, {args.warmup_steps} warm-up steps", "weight_decay": args.weight_decay,
             "train_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
