@@ -50,6 +50,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "replay+decision": {"replay": True, "policy": "decision:0.05"},
     "replay20": {"replay": True, "replay_share": 0.2},     # a fifth of the stream is own refusals (harmful setting)
     "replay20+constrained": {"replay": True, "replay_share": 0.2, "constrained": True},
+    "lora": {"lora": True},                                 # LoRA r=16 on every linear layer, --lora-lr
+    "lora+replay": {"lora": True, "replay": True},
 }
 #: the arm the headline command compares with plain fine-tuning (the product's recommended recipe)
 RECIPE = "replay"
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--replay-share", type=float, default=0.05)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA arms: rank (alpha = 2 x rank, every linear layer)")
+    p.add_argument("--lora-lr", type=float, default=2e-4, help="LoRA arms: learning rate (instead of --lr)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of one stage / of the headline")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="grid: seeds")
@@ -370,9 +374,16 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
             from ssah_plugin.recipes.constrained import TokenwiseConstraint
 
             constraint = TokenwiseConstraint(model)  # frozen copy of the aligned model, Qi et al.'s betas
+        lr = args.lr
+        if spec.get("lora"):
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+            lr = args.lora_lr
         targs = TrainingArguments(
             output_dir=str(out / "trainer"), num_train_epochs=1, per_device_train_batch_size=args.batch,
-            gradient_accumulation_steps=args.accum, learning_rate=args.lr, lr_scheduler_type="cosine",
+            gradient_accumulation_steps=args.accum, learning_rate=lr, lr_scheduler_type="cosine",
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=1.0, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=True)
@@ -384,13 +395,16 @@ def st_finetune(args, setting: str, arm: str, seed: int) -> dict:
         trainer.train()
         train_s = time.time() - t0
         ckpt = out / "checkpoint"
+        if spec.get("lora"):
+            model = model.merge_and_unload()  # evaluation loads a plain checkpoint
         model.save_pretrained(str(ckpt))
         tok.save_pretrained(str(ckpt))
         steps = trainer.state.global_step
         res: dict[str, Any] = {
             "setting": setting, "arm": arm, "seed": seed, "spec": spec, "user_rows": n_user, "rows": len(ds),
             "replay_share": share if spec.get("replay") else 0.0, "steps": steps,
-            "effective_batch": args.batch * args.accum, "max_len": args.max_len, "lr": args.lr,
+            "effective_batch": args.batch * args.accum, "max_len": args.max_len, "lr": lr,
+            "lora_r": args.lora_r if spec.get("lora") else None,
             "schedule": f"cosine, {args.warmup_steps} warm-up steps", "weight_decay": args.weight_decay,
             "train_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "train_s": round(train_s, 1), "s_per_step": round(train_s / max(1, steps), 2),
@@ -461,7 +475,7 @@ def passthrough(args) -> list[str]:
         out += ["--harmful-train", args.harmful_train]
     for flag in ("eval_prompts", "max_new_tokens", "gen_batch", "refusal_prompts", "refusal_new_tokens",
                  "safety_samples", "utility_samples", "benign_eval", "false_refusal_prompts", "train_rows", "batch",
-                 "accum", "max_len", "lr", "warmup_steps", "weight_decay", "replay_share"):
+                 "accum", "max_len", "lr", "warmup_steps", "weight_decay", "replay_share", "lora_r", "lora_lr"):
         out += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.keep_checkpoints:
         out.append("--keep-checkpoints")
