@@ -277,6 +277,30 @@ def test_model_card_content(located, tiny_llama, tmp_path, capsys):
     assert "Licence of this mask: `apache-2.0`" in text
 
 
+def test_locate_records_the_hub_base_model_for_the_card(tiny_llama, tmp_path, monkeypatch):
+    """locate keeps the config's Hub id (never a local folder) and save_pretrained puts it in the card."""
+    from ssah_plugin.locate import LocateConfig, locate
+
+    model, tok = copy.deepcopy(tiny_llama[0]), tiny_llama[1]
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "local-copy").mkdir()
+    monkeypatch.chdir(tmp_path)
+    found = {}
+    for name in ("org/base-chat", "org/local-copy", str(tmp_path / "org" / "local-copy"), ""):
+        model.config._name_or_path = name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mask = locate(model, tok, config=LocateConfig(max_samples=2, max_length=32, progress=False))
+        folder = Mask.load(mask.save_pretrained(tmp_path / "out" / str(len(found))) / MASK_FILENAME)
+        card = hf.ModelCard.load(tmp_path / "out" / str(len(found)) / CARD_FILENAME)
+        found[name] = (folder.method.get("base_model"), card.data.base_model)
+    assert found["org/base-chat"] == ("org/base-chat", "org/base-chat")
+    assert found["org/local-copy"] == (None, None)  # a relative folder that exists here is not a Hub id
+    assert found[str(tmp_path / "org" / "local-copy")] == (None, None) and found[""] == (None, None)
+    explicit_arg = mask.save_pretrained(tmp_path / "given", base_model="org/other")
+    assert hf.ModelCard.load(explicit_arg / CARD_FILENAME).data.base_model == "org/other"
+
+
 def test_model_card_without_provenance(explicit, located, tmp_path):
     folder = explicit.save_pretrained(tmp_path / "e")
     card = hf.ModelCard.load(folder / CARD_FILENAME)

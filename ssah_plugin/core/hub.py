@@ -236,9 +236,12 @@ class HubMixin:
         """Write ``save_directory/filename`` (the mask) and ``README.md`` (its model card); returns the folder.
 
         The card (:func:`ssah_plugin.core.card.model_card`) shows ``base_model`` and ``license`` when given (both
-        also go into its YAML front matter), and the usage line with ``repo_id`` / ``revision`` when given. An
-        existing ``README.md`` in the folder is replaced.
+        also go into its YAML front matter), and the usage line with ``repo_id`` / ``revision`` when given.
+        ``base_model`` defaults to the Hub id that ``locate`` recorded from the model's config (``method["base_model"]``;
+        a model loaded from a local folder records none). An existing ``README.md`` in the folder is replaced.
         """
+        if base_model is None:
+            base_model = self.method.get("base_model")  # type: ignore[attr-defined]
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.save(folder / filename)  # type: ignore[attr-defined]

@@ -15,11 +15,13 @@ Pure tensor code on the CPU in float64 (no hooks, no model calls besides reading
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ssah_plugin.core.hub import is_repo_id
 from ssah_plugin.core.mask import CLASS_CODES, Mask, config_hash, fingerprint_samples
 from ssah_plugin.core.units import UnitGroup, find_arch_spec, unwrap_model
 from ssah_plugin.errors import UnsupportedSetupError
@@ -141,6 +143,9 @@ def build_mask(model: nn.Module, groups: list[UnitGroup], raw_safety: list[torch
         "statistics": STATISTICS,
         "config": config.method_dict(),
     }
+    name = getattr(getattr(root, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and is_repo_id(name) and not Path(name).exists():  # a Hub id, never a local folder
+        method["base_model"] = name
     method.update(method_extra or {})
     return Mask(groups=groups, architecture=model_type, model_class=type(root).__name__,
                 config_hash=config_hash(root), fingerprint=fingerprint,
