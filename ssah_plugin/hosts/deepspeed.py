@@ -19,7 +19,7 @@ from torch import nn
 
 from ssah_plugin.core.engine import is_schedule_free, unwrap_optimizer
 from ssah_plugin.core.plan import FrozenSlice, plan_frozen_slices
-from ssah_plugin.errors import UnsupportedSetupError, require
+from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.setup import load_mask, run_base_check
 from ssah_plugin.hosts.zero import (
     check_deepspeed_version,
@@ -27,6 +27,7 @@ from ssah_plugin.hosts.zero import (
     is_zero3_partitioned,
     zero_stage,
 )
+from ssah_plugin.hosts.zero3_read import gather_full, validate_mask
 from ssah_plugin.hosts.zero_enforcer import DeepSpeedEnforcer
 
 __all__ = ["DeepSpeedEnforcer", "build_deepspeed_enforcer", "deepspeed_enforce", "refuse_under_zero"]
@@ -89,23 +90,15 @@ def _check_setup(zero_opt, stage: int, model: nn.Module) -> None:
                                     + "\n  - ".join(problems))
 
 
-def _zero3_get_tensor(name: str, param: nn.Parameter) -> torch.Tensor | None:
-    """The full value of a ZeRO-3 parameter for fingerprinting and digests (a collective: every rank calls it in the
-    same order)."""
-    deepspeed = require("deepspeed", "deepspeed", "ssah-plugin under DeepSpeed ZeRO-3")
-    if not is_zero3_partitioned(param):
-        return param
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-        return param.data.detach().clone()
-
-
 def build_deepspeed_enforcer(mask, model: nn.Module, policy: str | None, optimizer,
                              check_fingerprint: bool = True, check_values: bool | None = None) -> DeepSpeedEnforcer:
     """Validate ``mask`` against a DeepSpeed model and return an enforcer ready to :meth:`~DeepSpeedEnforcer.attach`.
 
     ``optimizer`` is whatever the host holds: accelerate's ``DeepSpeedOptimizerWrapper``, the engine's ZeRO optimizer,
-    or (for raw engines) ``engine.optimizer``. Must run on every rank (ZeRO-3 fingerprinting and the base-value check
-    gather parameters; every rank computes the same answer, so a refusal is raised on every rank).
+    or (for raw engines) ``engine.optimizer``. Must run on every rank: under ZeRO-3 the fingerprint check combines
+    the ranks' samples with one small ``all_reduce`` and the base-value check gathers each parameter that has
+    frozen slices (:mod:`ssah_plugin.hosts.zero3_read`); every rank computes the same answer, so a refusal is raised on
+    every rank.
     """
     check_deepspeed_version()
     zero_opt, torch_opt, stage = _find_zero_optimizer(optimizer)
@@ -116,11 +109,10 @@ def build_deepspeed_enforcer(mask, model: nn.Module, policy: str | None, optimiz
             "keeps a second copy of every weight in its state (z), which ZeRO partitions and ssah-plugin does not "
             "restore. Fix: use AdamW (optim=\"adamw_torch\") under DeepSpeed, or train the schedule-free optimizer "
             "without DeepSpeed (single process or DDP)")
-    get_tensor = _zero3_get_tensor if zero_stage(model) == 3 else None
-    mask.validate(model, check_fingerprint=check_fingerprint, get_tensor=get_tensor)
+    validate_mask(mask, model, check_fingerprint=check_fingerprint)  # ZeRO-3: samples of the local partitions
     slices = plan_frozen_slices(mask, model, policy)
     report = run_base_check(mask, model, policy, check_values=check_fingerprint if check_values is None else
-                            check_values, get_tensor=get_tensor)
+                            check_values, get_tensor=gather_full if zero_stage(model) == 3 else None)
     enforcer = DeepSpeedEnforcer(slices, model, zero_opt, torch_opt, stage)
     enforcer.base_check = report
     return enforcer
