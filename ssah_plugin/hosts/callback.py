@@ -10,13 +10,15 @@ When each hook runs (transformers' training loop, without DeepSpeed):
 * :meth:`SSAHCallback.add_to` (optional, after the trainer is built): validates the mask against the model and puts
   the callback first in the trainer's list, with transformers' own ``add_callback`` / ``pop_callback``.
 * ``on_init_end`` (end of ``Trainer.__init__``, callbacks passed to the constructor only): validates the mask against
-  the model, so a wrong mask fails before any data loading.
+  the model, so a wrong mask fails before any data loading. A model already partitioned by ZeRO-3 (built under
+  ``TrainingArguments(deepspeed=...)``) is fingerprinted from each rank's own partition, with one small collective
+  (:mod:`ssah_plugin.hosts.zero3_read`).
 * ``on_train_begin`` (after ``accelerator.prepare``, PEFT wrapping and checkpoint loading; before the first
   forward; at every ``train()`` call, also after ``add_callback`` and on resume): validates again against the final
   parameters, checks that the values about to be frozen are exactly the mask's base values (digests, mask format
-  v2), compares a resumed checkpoint's saved plugin state (frozen set, policy) with this run's, snapshots the frozen
-  slices, registers gradient hooks. Under DeepSpeed the restore is attached to the ZeRO optimizer's step instead
-  (which runs inside ``backward`` there).
+  v2), compares a resumed checkpoint's saved plugin state (frozen set, policy) with this run's
+  (:mod:`ssah_plugin.hosts.callback_state`), snapshots the frozen slices, registers gradient hooks. Under DeepSpeed
+  the restore is attached to the ZeRO optimizer's step instead (which runs inside ``backward`` there).
 * checkpoint saves: :meth:`SSAHCallback.state` (transformers' ``ExportableState``) writes the plugin's state into
   ``trainer_state.json`` (``stateful_callbacks.SSAHCallback``): policy, frozen-set digest, digest of the frozen
   values, mask checksum. A resume reads it back from the checkpoint's ``TrainerState``.
@@ -39,7 +41,6 @@ own ``on_train_end``. :meth:`SSAHCallback.add_to` puts the callback first so tha
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 import weakref
 
@@ -49,16 +50,21 @@ from transformers.trainer_callback import ExportableState
 
 from ssah_plugin.core.engine import FreezeEngine, SnapshotDevice, check_snapshot_device
 from ssah_plugin.core.mask import Mask
-from ssah_plugin.errors import ResumeMismatchError
+from ssah_plugin.hosts.callback_state import (
+    check_resume,
+    check_resumed_values,
+    plugin_record,
+    saved_record,
+)
 from ssah_plugin.hosts.enforce import build_enforcer
+from ssah_plugin.hosts.loaded import loaded_class
 from ssah_plugin.hosts.peft import check_peft_setup
 from ssah_plugin.hosts.setup import MaskLike, load_mask
-from ssah_plugin.hosts.zero import zero_stage
+from ssah_plugin.hosts.zero3_read import validate_mask
 
-__all__ = ["SSAHCallback"]
+__all__ = ["SSAHCallback", "put_first"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def put_first(trainer, callback) -> None:
@@ -74,6 +80,7 @@ def put_first(trainer, callback) -> None:
         trainer.pop_callback(cb)
     for cb in others:
         trainer.add_callback(cb)
+
 
 class SSAHCallback(TrainerCallback, ExportableState):
     """Keep the mask's frozen units bit-exact during ``Trainer.train()``.
@@ -117,10 +124,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ saved with checkpoints
     def _record(self, values_digest: str | None = None) -> dict:
-        return {"policy": self.policy, "frozen_set": self.mask.frozen_set_digest(self.policy),
-                "frozen_units": int(sum(int(s.sum()) for s in self.mask.frozen(self.policy))),
-                "mask_checksum": self.mask.checksum, "values_digest": values_digest,
-                "base_checked": False}
+        return plugin_record(self.mask, self.policy, values_digest)
 
     def state(self) -> dict:
         """What each checkpoint records about the plugin (``trainer_state.json``), read back on resume."""
@@ -148,7 +152,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
         """End of ``Trainer.__init__`` (constructor callbacks only): validate the mask against the model."""
         if model is not None:
             check_peft_setup(model)  # TRL wraps with peft_config before this hook: refuse DoRA etc. here
-            self.mask.validate(model, check_fingerprint=self.check_fingerprint and zero_stage(model) != 3)
+            validate_mask(self.mask, model, check_fingerprint=self.check_fingerprint)  # ZeRO-3: a collective
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Start of ``train()``, before the first forward: check everything, snapshot, register gradient hooks."""
@@ -159,9 +163,10 @@ class SSAHCallback(TrainerCallback, ExportableState):
         # After resume_from_checkpoint the weights are the checkpoint's (fine-tuned outside the frozen units): the
         # fingerprint (a sample of whole tensors) is not compared then, but the frozen values are, exactly.
         resumed = state.global_step > 0
-        saved = _saved_record(state) if resumed else None
-        if resumed:
-            self._check_resume(saved, state)
+        saved = saved_record(state, type(self).__name__) if resumed else None
+        if resumed:  # before anything is planned: the same frozen set as the checkpoint's run?
+            # (the record is computed afresh: restore_callback_states_from_checkpoint may have set self.record)
+            check_resume(saved, self._record(), state.global_step)
         self.mask, self.enforcer = build_enforcer(
             self.mask, model, self.policy, optimizer=optimizer,
             check_fingerprint=self.check_fingerprint and not resumed, check_values=self.check_fingerprint,
@@ -169,7 +174,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
         )
         report = self.enforcer.base_check
         if resumed:
-            self._check_resumed_values(saved, report)
+            check_resumed_values(saved, report, self.check_fingerprint)
         self.record = self._record(report.values_digest if report is not None else None)
         self.record["base_checked"] = bool(report is not None and report.complete and self.check_fingerprint)
         if isinstance(getattr(state, "stateful_callbacks", None), dict):
@@ -193,52 +198,12 @@ class SSAHCallback(TrainerCallback, ExportableState):
                         self.summary["frozen_units"], self.summary["units"], 100 * self.summary["frozen_fraction"],
                         self.policy, self.summary["frozen_elements"])
 
-    # ------------------------------------------------------------------ resume
-    def _check_resume(self, saved: dict | None, state) -> None:
-        """Before anything is planned: is this run's frozen set the one the checkpoint was trained with?"""
-        if saved is None:
-            return  # written without the plugin: decided by the values (_check_resumed_values)
-        now = self._record()  # computed afresh (restore_callback_states_from_checkpoint may have set self.record)
-        if saved.get("frozen_set") != now["frozen_set"]:
-            was = f"{saved.get('frozen_units')} units under policy {saved.get('policy')!r}"
-            raise ResumeMismatchError(
-                f"resuming from a checkpoint (step {state.global_step}) trained with another frozen set: it froze "
-                f"{was} (mask {str(saved.get('mask_checksum'))[:12]}), this run freezes {now['frozen_units']} under "
-                f"policy {self.policy!r} (mask {now['mask_checksum'][:12]}); units frozen now but trained before "
-                f"would keep their trained values. Fix: resume with the mask and policy the checkpoint was trained "
-                f"with (policy={saved.get('policy')!r}), or start from the base model to train with the new ones")
-        if saved.get("mask_checksum") != now["mask_checksum"]:
-            logger.info("ssah-plugin: resuming with another mask file that freezes the same units")
-
-    def _check_resumed_values(self, saved: dict | None, report) -> None:
-        """After the base check: refuse what cannot be shown to hold the base values."""
-        base_ok = report is not None and report.complete and self.check_fingerprint  # mismatches raised already
-        if base_ok:
-            if saved is None:
-                logger.info("ssah-plugin: the checkpoint was written without SSAHCallback, but its frozen values "
-                            "are exactly the base's: continuing")
-            return
-        live = report.values_digest if report is not None else None
-        if saved is not None and saved.get("values_digest") and saved.get("values_digest") == live:
-            return  # same frozen values as when the checkpointed run started
-        if saved is None:
-            raise ResumeMismatchError(
-                "resuming from a checkpoint written without SSAHCallback, and this mask cannot prove that its frozen "
-                "values are still the base's (it holds no base digests: a format-1 mask or check_fingerprint=False). "
-                "Training on would freeze whatever the earlier run left there. Fix: start from the base model, or "
-                "upgrade the mask: Mask.load(path).record_base(base_model).save(path)")
-        raise ResumeMismatchError(
-            "the frozen values of the resumed checkpoint are not those its run froze (the weights were changed "
-            "after that run, or another base model is loaded). Fix: resume the unchanged checkpoint, or start from "
-            "the base model")
-
     # ------------------------------------------------------------------ TRL's BEMACallback
     def _bema_callbacks(self) -> list:
         """TRL ``BEMACallback`` instances in the trainer given to :meth:`add_to` (none without it)."""
         trainer = self._trainer() if self._trainer is not None else None
-        module = sys.modules.get("trl.trainer.callbacks")  # no BEMACallback can exist before TRL defines it
-        bema_cls = getattr(module, "BEMACallback", None)
-        if trainer is None or not isinstance(bema_cls, type):
+        bema_cls = loaded_class("trl.trainer.callbacks", "BEMACallback")  # none can exist before TRL defines it
+        if trainer is None or bema_cls is None:
             return []
         return [c for c in trainer.callback_handler.callbacks if isinstance(c, bema_cls)]
 
@@ -299,14 +264,3 @@ class SSAHCallback(TrainerCallback, ExportableState):
             logger.info("ssah-plugin: %d optimizer steps, %d units frozen (%.2f%%), max drift of frozen values %.3g",
                         self._steps, self.summary["frozen_units"], 100 * self.summary["frozen_fraction"], drift)
 
-
-def _saved_record(state) -> dict | None:
-    """The plugin record a resumed checkpoint's ``trainer_state.json`` holds (``None``: written without it)."""
-    saved = getattr(state, "stateful_callbacks", None) or {}
-    entry = saved.get(SSAHCallback.__name__) if isinstance(saved, dict) else None
-    if isinstance(entry, list):
-        entry = entry[0] if entry else None
-    if not isinstance(entry, dict):
-        return None
-    record = (entry.get("attributes") or {}).get("record")
-    return record if isinstance(record, dict) and record.get("frozen_set") else None

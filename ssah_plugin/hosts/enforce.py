@@ -5,7 +5,6 @@ Everything that can be refused is refused here, before the first training step.
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from ssah_plugin.core.mask import Mask
 from ssah_plugin.core.plan import plan_frozen_slices
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.hosts.deepspeed import build_deepspeed_enforcer
+from ssah_plugin.hosts.loaded import loaded_class
 from ssah_plugin.hosts.peft import check_peft_setup
 from ssah_plugin.hosts.setup import Enforcer, MaskLike, load_mask, run_base_check
 from ssah_plugin.hosts.zero import uses_deepspeed
@@ -29,17 +29,11 @@ __all__ = ["build_enforcer", "detect_host"]
 logger = logging.getLogger(__name__)
 
 
-def _loaded_class(module: str, name: str) -> type | None:
-    """``module.name`` if ``module`` is imported already: no object can be an instance of a class not yet loaded."""
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls if isinstance(cls, type) else None
-
-
 def _is_fsdp(model: nn.Module) -> bool:
     """FSDP (``FullyShardedDataParallel`` or FSDP2's ``fully_shard``) or DTensor parameters (tensor parallelism)."""
-    kinds = tuple(c for c in (_loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel"),
-                              _loaded_class("torch.distributed.fsdp", "FSDPModule")) if c is not None)
-    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    kinds = tuple(c for c in (loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel"),
+                              loaded_class("torch.distributed.fsdp", "FSDPModule")) if c is not None)
+    dtensor = loaded_class("torch.distributed.tensor", "DTensor")
     return bool(kinds) and any(isinstance(m, kinds) for m in model.modules()) or \
         dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 

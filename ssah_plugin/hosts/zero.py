@@ -18,6 +18,7 @@ from torch import nn
 
 from ssah_plugin.core.engine import unwrap_optimizer
 from ssah_plugin.errors import UnsupportedSetupError
+from ssah_plugin.hosts.loaded import loaded_class
 
 __all__ = ["SUPPORTED_DEEPSPEED", "check_deepspeed_version", "deepspeed_version", "find_zero_optimizer",
            "is_zero3_partitioned", "uses_deepspeed", "zero_stage"]
@@ -119,13 +120,6 @@ def uses_deepspeed(*objs: object) -> bool:
     return False
 
 
-def _loaded(module: str, name: str) -> type | None:
-    """``module.name`` if ``module`` is imported already (an object can only be an instance of a loaded class)."""
-    mod = sys.modules.get(module)
-    cls = getattr(mod, name, None) if mod is not None else None
-    return cls if isinstance(cls, type) else None
-
-
 def zero_stage(obj: object) -> int | None:
     """The ZeRO stage (0-3) that manages ``obj``, or ``None`` when it cannot be told from ``obj``.
 
@@ -148,25 +142,25 @@ def zero_stage(obj: object) -> int | None:
         return None
     if isinstance(obj, (dict, str, Path)):
         return _stage_of_config(obj)
-    engine_cls = _loaded("deepspeed.runtime.engine", "DeepSpeedEngine")
+    engine_cls = loaded_class("deepspeed.runtime.engine", "DeepSpeedEngine")
     if engine_cls is not None and isinstance(obj, engine_cls):
         return int(obj.zero_optimization_stage())
     if isinstance(obj, torch.Tensor):
         return 3 if is_zero3_partitioned(obj) else None
     if isinstance(obj, nn.Module):
         return 3 if any(is_zero3_partitioned(p) for p in obj.parameters()) else None
-    trainer_cls = _loaded("transformers.trainer", "Trainer")
+    trainer_cls = loaded_class("transformers.trainer", "Trainer")
     if trainer_cls is not None and isinstance(obj, trainer_cls):
         for part in (getattr(obj, "model_wrapped", None), getattr(obj, "accelerator", None), obj.args):
             stage = zero_stage(part)
             if stage is not None:
                 return stage
         return None
-    accelerator_cls = _loaded("accelerate.accelerator", "Accelerator")
+    accelerator_cls = loaded_class("accelerate.accelerator", "Accelerator")
     if accelerator_cls is not None and isinstance(obj, accelerator_cls):
         plugin = obj.state.deepspeed_plugin
         return None if plugin is None else _stage_of_config(plugin.deepspeed_config)
-    args_cls = _loaded("transformers.training_args", "TrainingArguments")
+    args_cls = loaded_class("transformers.training_args", "TrainingArguments")
     if args_cls is not None and isinstance(obj, args_cls):
         hf_config = getattr(obj, "hf_deepspeed_config", None)
         return _stage_of_config(hf_config.config if hf_config is not None else obj.deepspeed)

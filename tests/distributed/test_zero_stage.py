@@ -127,3 +127,17 @@ def test_setup_cfg_pins_the_same_range():
     pins = [line.strip() for line in (ROOT / "setup.cfg").read_text().splitlines()
             if line.strip().startswith("deepspeed")]
     assert pins and all(p.endswith(f"deepspeed>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}") for p in pins), pins
+
+
+def test_framework_classes_are_looked_up_only_once_loaded():
+    """One helper (hosts.loaded) serves the ZeRO-stage query, the FSDP refusal and the BEMA lookup."""
+    import sys
+
+    from ssah_plugin.hosts import callback, enforce, zero
+    from ssah_plugin.hosts.loaded import loaded_class
+
+    assert zero.loaded_class is enforce.loaded_class is callback.loaded_class is loaded_class
+    assert loaded_class("json", "JSONDecoder") is json.JSONDecoder
+    assert loaded_class("json", "dumps") is None  # not a class
+    assert loaded_class("ssah_never_imported_module", "Thing") is None
+    assert "ssah_never_imported_module" not in sys.modules
