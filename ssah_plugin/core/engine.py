@@ -12,9 +12,9 @@ Two mechanisms, both vectorised per parameter (one op per frozen tensor, never a
    bitwise those of the snapshot at every step boundary.
 
 Only the frozen slices are snapshotted: the extra memory is the frozen fraction of the affected tensors. Where the
-snapshot lives is a choice (``snapshot_device``): next to each parameter (default; fastest restore), or in host
-memory (``"cpu"``; pinned when the parameter is on CUDA, restored with non-blocking host-to-device copies), for
-policies that freeze most of a model's weights on a GPU short of memory.
+snapshot lives is a choice (``snapshot_device``, :mod:`ssah_plugin.core.snapshot`): next to each parameter (default;
+fastest restore), or in host memory (``"cpu"``; pinned when the parameter is on CUDA, restored with non-blocking
+host-to-device copies), for policies that freeze most of a model's weights on a GPU short of memory.
 
 The per-step ops are :func:`write_slice` (``index_copy_``) and :func:`zero_slice` (``index_fill_``). On CPU they run
 with one intra-op thread: a parallel region costs more than the work as soon as another process competes for the cores
@@ -31,26 +31,20 @@ import torch
 from torch import nn
 
 from ssah_plugin.core.frozen_slice import FrozenSlice
+from ssah_plugin.core.snapshot import (
+    SnapshotDevice,
+    SnapshotStore,
+    check_snapshot_device,
+)
 
-__all__ = ["FreezeEngine", "GradMode", "SnapshotDevice", "is_schedule_free", "unwrap_optimizer", "write_slice",
-           "zero_slice"]
+# SnapshotDevice and check_snapshot_device live in core.snapshot and are re-exported for the hosts
+__all__ = ["FreezeEngine", "GradMode", "SnapshotDevice", "check_snapshot_device", "is_schedule_free",
+           "unwrap_optimizer", "write_slice", "zero_slice"]
 
 logger = logging.getLogger(__name__)
 
 GradMode = Literal["tensor", "post_accumulate", "none"]
-SnapshotDevice = Literal["param", "cpu"]
 GRAD_MODES: tuple[str, ...] = ("tensor", "post_accumulate", "none")
-SNAPSHOT_DEVICES: tuple[str, ...] = ("param", "cpu")
-
-
-def check_snapshot_device(value: object) -> str:
-    """``value`` if it is a valid ``snapshot_device``, else a :class:`ValueError` that names the choices."""
-    if value not in SNAPSHOT_DEVICES:
-        raise ValueError(
-            f"snapshot_device must be 'param' (keep the snapshot of the frozen values next to each parameter, e.g. "
-            f"on its GPU: fastest restore) or 'cpu' (keep it in host memory, pinned when the parameters are on CUDA, "
-            f"and restore with non-blocking copies: frees GPU memory), got {value!r}")
-    return str(value)
 
 
 @contextlib.contextmanager
@@ -147,13 +141,13 @@ class FreezeEngine:
                  model: nn.Module | None = None, snapshot_device: SnapshotDevice = "param"):
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be 'tensor', 'post_accumulate' or 'none', got {grad_mode!r}")
-        self.snapshot_device = check_snapshot_device(snapshot_device)
+        self._store = SnapshotStore(snapshot_device)
+        self.snapshot_device = self._store.device
         self.slices = [s for s in slices
                        if s.param.requires_grad or (cover_untrainable and not s.meta.get("peft_base"))]
         self.grad_mode = grad_mode
         self.model = model
         self.base_check = None  # set by ssah_plugin.hosts.enforce.build_enforcer
-        self._snapshots: list[torch.Tensor] = []
         self._index_cache: list[dict] = [{} for _ in self.slices]
         self._handles: list = []
         self._hooked: set[int] = set()
@@ -178,11 +172,10 @@ class FreezeEngine:
         if self.attached:
             return self
         with torch.no_grad():
-            self._snapshots = []
+            self._store.clear()
             for s, cache in zip(self.slices, self._index_cache):
                 values = s.param.index_select(s.axis, _on(s.index, s.param.device, cache))
-                self._snapshots.append(self._store(values if s.fill is None else torch.full_like(values, s.fill),
-                                                   s.param))
+                self._store.add(values if s.fill is None else torch.full_like(values, s.fill), s.param)
         self._ensure_hooks()
         if self.model is not None and any(not s.param.requires_grad for s in self.slices):
             # A parameter unfrozen later gets its gradient hook before its first backward (forward pre-hook).
@@ -191,14 +184,6 @@ class FreezeEngine:
         # A slice with a fixed fill (LoRA rows at zero) must hold from the start.
         self.after_step()
         return self
-
-    def _store(self, values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """Keep ``values`` (a fresh tensor: ``index_select`` / ``full_like`` / ``to`` output) as a snapshot of ``param``."""
-        if self.snapshot_device == "param":
-            return values
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=param.device.type == "cuda")
-        host.copy_(values)  # blocking: the snapshot is complete before anything can change the parameter
-        return host
 
     def _ensure_hooks(self) -> None:
         """Register gradient hooks on every frozen parameter that requires gradients and has none yet."""
@@ -244,32 +229,6 @@ class FreezeEngine:
         if self._watch is not None:
             self._ensure_hooks()
 
-    def _snapshot(self, i: int) -> torch.Tensor:
-        """Slice ``i``'s snapshot in its parameter's dtype, following a cast or a move of the model after attach."""
-        snap, param = self._snapshots[i], self.slices[i].param
-        if snap.dtype != param.dtype:
-            # The model was cast after attach (model.to(torch.bfloat16)). A cast rounds the base values exactly as
-            # the snapshot's cast does, so following it keeps the frozen values those of the base in the new dtype.
-            snap = self._snapshots[i] = self._store(snap.to(dtype=param.dtype), param)
-        if self.snapshot_device == "param" and snap.device != param.device:
-            snap = self._snapshots[i] = snap.to(param.device)  # moved after attach (accelerate.prepare, .to())
-        elif self.snapshot_device == "cpu" and param.device.type == "cuda" and not snap.is_pinned():
-            snap = self._snapshots[i] = snap.pin_memory()  # moved to CUDA after attach
-        return snap
-
-    def _values(self, i: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Slice ``i``'s snapshot on ``device`` in ``dtype``.
-
-        From pinned host memory the copy is non-blocking: it is enqueued on the current CUDA stream, after the
-        optimizer's kernels and before those of the next forward, so every reader on that stream sees the restored
-        values, and a host-side read (``.cpu()``, ``.item()``, saving a checkpoint) synchronises first.
-        """
-        snap = self._snapshot(i)
-        if snap.device == device and snap.dtype == dtype:
-            return snap
-        pinned = snap.device.type == "cpu" and device.type == "cuda" and snap.is_pinned()
-        return snap.to(device=device, dtype=dtype, non_blocking=pinned)
-
     def _sync_state(self, optimizer: object) -> None:
         """Write the frozen values into the parameter-valued state of a schedule-free optimizer (see bind_optimizer)."""
         state = getattr(optimizer, "state", None)
@@ -285,7 +244,7 @@ class FreezeEngine:
     def _write_into(self, i: int, target: torch.Tensor) -> None:
         s = self.slices[i]
         write_slice(target, s.axis, _on(s.index, target.device, self._index_cache[i]),
-                    self._values(i, target.device, target.dtype))
+                    self._store.values(i, s.param, target.device, target.dtype))
 
     def write_frozen_into(self, param: torch.Tensor, target: torch.Tensor) -> bool:
         """Write the frozen values of ``param`` into ``target``, a tensor of its shape (an EMA copy, a state entry).
@@ -317,7 +276,7 @@ class FreezeEngine:
     def max_drift(self) -> float:
         """Largest absolute difference between any frozen value and its snapshot (0.0 when exact)."""
         worst = 0.0
-        for s, snap, cache in zip(self.slices, self._snapshots, self._index_cache):
+        for s, snap, cache in zip(self.slices, self._store.tensors, self._index_cache):
             cur = s.param.index_select(s.axis, _on(s.index, s.param.device, cache))
             snap = snap.to(device=cur.device, dtype=cur.dtype)
             if not torch.equal(cur, snap):
@@ -331,4 +290,9 @@ class FreezeEngine:
     @property
     def snapshot_bytes(self) -> int:
         """Bytes the snapshot holds (on the parameters' devices, or in host memory with ``snapshot_device="cpu"``)."""
-        return sum(t.numel() * t.element_size() for t in self._snapshots)
+        return self._store.nbytes
+
+    @property
+    def _snapshots(self) -> list[torch.Tensor]:
+        """The snapshot tensors, one per slice (:class:`~ssah_plugin.core.snapshot.SnapshotStore`), for checks."""
+        return self._store.tensors
