@@ -23,9 +23,10 @@ Which set-ups are refused is :mod:`ssah_plugin.core.peft_rules`.
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -34,8 +35,17 @@ from ssah_plugin.core.frozen_slice import FrozenSlice
 from ssah_plugin.core.peft_rules import check_lora_layer, fix_hint
 from ssah_plugin.errors import UnsupportedSetupError
 
-__all__ = ["loaded_peft", "is_tuner_layer", "base_module", "find_module", "find_weight", "adapter_slices",
-           "saved_copies", "saved_copy_slices"]
+__all__ = [
+    "adapter_slices",
+    "base_module",
+    "find_module",
+    "find_weight",
+    "holds_values",
+    "is_tuner_layer",
+    "loaded_peft",
+    "saved_copies",
+    "saved_copy_slices",
+]
 
 
 def loaded_peft():
@@ -78,7 +88,17 @@ def find_weight(root: nn.Module, module_path: str, pname: str) -> nn.Parameter |
 
 # ---------------------------------------------------------------------------------------------------- LoRA layers
 def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape: a sharded placeholder records it apart from its (empty) local storage."""
     return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def holds_values(p: torch.Tensor) -> bool:
+    """Whether ``p``'s own storage holds all of its values, so they can be read here.
+
+    False for a sharded placeholder whose storage is empty or smaller than its logical shape (a DeepSpeed ZeRO-3
+    partition outside a gather: the host reads or writes such values itself), and for an empty tensor.
+    """
+    return p.numel() > 0 and p.numel() == math.prod(_shape(p))
 
 
 def _check_zero(module: nn.Module, adapter: str, role: str, idx: torch.Tensor, name: str) -> None:
@@ -90,8 +110,8 @@ def _check_zero(module: nn.Module, adapter: str, role: str, idx: torch.Tensor, n
     """
     a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     bias = getattr(module.lora_B[adapter], "bias", None)
-    if any(hasattr(p, "ds_id") or p.numel() == 0 for p in (a, b)):
-        return  # ZeRO-3 partitions: values are not local; the DeepSpeed engine applies the fill
+    if not (holds_values(a) and holds_values(b)):
+        return  # sharded (ZeRO-3 partitions): the values are not here; the host's enforcer applies the fill
     with torch.no_grad():
         if role == "out":
             changed = bool((b.index_select(0, idx.to(b.device)) @ a).any())
@@ -235,10 +255,10 @@ def saved_copy_slices(copies: Iterable[tuple[str, nn.Module, bool]], pname: str,
         if not is_copy:
             original = (p, i)
         out.append(FrozenSlice(f"{path}.{pname}", p, axis, i, meta={"role": role, "modules_to_save": is_copy}))
-    if original is not None and not hasattr(original[0], "ds_id"):
+    if original is not None and holds_values(original[0]):
         ref = original[0].detach().index_select(axis, original[1])
         for s in out:
-            if s.meta["modules_to_save"] and not hasattr(s.param, "ds_id") and s.param.shape == original[0].shape \
+            if s.meta["modules_to_save"] and holds_values(s.param) and s.param.shape == original[0].shape \
                     and not torch.equal(s.param.detach().index_select(axis, s.index).to(ref.dtype), ref):
                 warnings.warn(
                     f"ssah-plugin: modules_to_save copy {s.name} already differs from the base on frozen units (was it "
