@@ -48,6 +48,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "decision": {"policy": "decision:0.05"},              # locate's decision units (prompt-end separation)
     "conflict": {"policy": "conflict:0.05"},              # locate's task-conflict units (--task-data)
     "replay+decision": {"replay": True, "policy": "decision:0.05"},
+    "replay+constrained": {"replay": True, "constrained": True},  # the two measured defences together
     "replay20": {"replay": True, "replay_share": 0.2},     # a fifth of the stream is own refusals (harmful setting)
     "replay20+constrained": {"replay": True, "replay_share": 0.2, "constrained": True},
     "lora": {"lora": True},                                 # LoRA r=16 on every linear layer, --lora-lr
