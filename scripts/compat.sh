@@ -35,9 +35,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 USER_TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-}
 
 # The stacks. Each pin list goes to pip as requirements and as constraints.
-# oldest: setup.cfg's floors. accelerate 1.4.0 is the lowest TRL 0.20 accepts; tokenizers 0.22.0, safetensors 0.4.3
-# and huggingface_hub 0.34.0 the lowest transformers 4.56 accepts; datasets 3.0.0 the data extra's floor.
-OLDEST="transformers==4.56.0 trl==0.20.0 peft==0.15.0 accelerate==1.4.0 deepspeed==0.19.0 datasets==3.0.0
+# oldest: setup.cfg's floors. transformers 4.56.1, not 4.56.0: 4.56.0's Trainer reads Accelerator.parallelism_config
+# unguarded (accelerate >= 1.10 only; 4.56.1 guards it), so every Trainer test fails there with accelerate < 1.10.
+# accelerate 1.4.0 is the lowest TRL 0.20 accepts; tokenizers 0.22.0, safetensors 0.4.3 and huggingface_hub 0.34.0
+# the lowest transformers 4.56 accepts; datasets 3.0.0 the data extra's floor.
+OLDEST="transformers==4.56.1 trl==0.20.0 peft==0.15.0 accelerate==1.4.0 deepspeed==0.19.0 datasets==3.0.0
   tokenizers==0.22.0 safetensors==0.4.3 huggingface_hub==0.34.0"
 # llamafactory: what `pip install llamafactory==0.9.5` resolves to (its caps: transformers<=5.6.0, trl<=0.24.0,
 # peft<=0.18.1, accelerate<=1.11.0, datasets<=4.0.0), with the newest DeepSpeed ssah-plugin supports.
@@ -52,7 +54,22 @@ LLAMAFACTORY_NODEPS="llamafactory==0.9.5"
 LLAMAFACTORY_PTH='import os; os.environ.get("SSAH_COMPAT_LLAMAFACTORY") == "1" and __import__("llamafactory.extras.packages")'
 CORE_TESTS=(tests/test_freeze.py tests/test_callback.py tests/test_trl.py tests/test_peft.py tests/test_peft_trl.py
             tests/test_resume.py tests/test_optim.py)
-ZERO_TESTS=(tests/distributed/test_zero.py -k "z2 or dsopt")
+ZERO_TESTS=(tests/distributed/test_zero.py)
+ZERO_K="z2 or dsopt"  # the zero2 launch's tests only: one 2-rank job
+# Tests a stack cannot run whatever the plugin does (pytest -k expressions to leave out, and why; the table says so):
+# * oldest: LoRA under ZeRO-2. transformers 4.x (4.57.6 too) builds its LR scheduler on the Trainer's optimizer
+#   before deepspeed.initialize removes the empty no-decay group (LoRA trains no bias / norm), and torch 2.13's
+#   scheduler zips its per-group values with strict=True: "zip() argument 2 is longer than argument 1" at the first
+#   step. The same job without the plugin (scenario sft-z2-fp32-lora-control) fails the same way.
+# * llamafactory: DPO. TRL 0.24's DPOTrainer.__init__ writes model.warnings_issued, which transformers 5 removed, so
+#   no DPOTrainer can be built (LLaMA-Factory's own DPO stage calls Trainer.__init__ instead).
+declare -A CORE_OUT=([llamafactory]="dpo")
+declare -A ZERO_OUT=([oldest]="lora" [llamafactory]="dpo")
+declare -A NOT_RUN=(
+  [oldest]="LoRA under ZeRO-2 (transformers 4.x + torch 2.13: the LR scheduler keeps the empty param group that
+deepspeed.initialize removed; fails without the plugin too)"
+  [llamafactory]="DPO tests (no TRL DPOTrainer can be built: TRL 0.24 sets model.warnings_issued, which transformers 5
+removed)")
 VERSIONS="torch transformers trl peft accelerate deepspeed datasets tokenizers safetensors huggingface_hub numpy"
 
 stacks=()
@@ -140,7 +157,10 @@ build_env() {  # name, pins, packages installed without their dependencies
     log "$name: built in $((SECONDS - t0)) s, $(du -sh "$env" | cut -f1)"
   fi
   # this checkout, editable (again, without touching the pins, when the environment points at another checkout)
-  if [ "$("$env/bin/python" -c 'import os, ssah_plugin; print(os.path.dirname(os.path.dirname(ssah_plugin.__file__)))' 2>/dev/null)" != "$REPO" ]; then
+  local where
+  where=$("$env/bin/python" -c 'import os, ssah_plugin; print(os.path.dirname(os.path.dirname(ssah_plugin.__file__)))' \
+    2>/dev/null || true)
+  if [ "$where" != "$REPO" ]; then
     pip_q "$env/bin/python" -m pip install -q --no-deps -e "$REPO"
   fi
 }
@@ -160,9 +180,13 @@ env_python() {  # name -> the python of that stack's environment (built when mis
 
 run_stack() {  # name, python
   local name=$1 py=$2 dir="$ENVS/runs/$1" rc=0 t0=$SECONDS
-  if [ "$name" = llamafactory ]; then export SSAH_COMPAT_LLAMAFACTORY=1; else unset SSAH_COMPAT_LLAMAFACTORY; fi
+  local core_k=() zero_k=(-k "$ZERO_K")
   rm -rf "$dir"
   mkdir -p "$dir"
+  if [ "$name" = llamafactory ]; then export SSAH_COMPAT_LLAMAFACTORY=1; else unset SSAH_COMPAT_LLAMAFACTORY; fi
+  [ -z "${CORE_OUT[$name]:-}" ] || core_k=(-k "not ${CORE_OUT[$name]}")
+  [ -z "${ZERO_OUT[$name]:-}" ] || zero_k=(-k "($ZERO_K) and not ${ZERO_OUT[$name]}")
+  [ -z "${NOT_RUN[$name]:-}" ] || echo "${NOT_RUN[$name]}" > "$dir/not_run.txt"
   check_declared "$py" > "$dir/declared.txt" 2>&1 || { rc=1; log "$name: $(cat "$dir/declared.txt")"; }
   # one DeepSpeed JIT-extension folder per environment (DeepSpeed builds its CPU shm op on first use, and the builds
   # differ between releases); "newest" keeps the checkout's .torch_extensions, as the main suite does
@@ -172,11 +196,13 @@ run_stack() {  # name, python
   else
     TORCH_EXTENSIONS_DIR="$(dirname "$(dirname "$py")")/torch_extensions"; export TORCH_EXTENSIONS_DIR; fi
   log "$name: core tests"
-  "$py" -m pytest -q -p no:cacheprovider --durations=10 -o junit_family=xunit1 --junitxml "$dir/core.xml" "${CORE_TESTS[@]}" \
+  "$py" -m pytest -q -p no:cacheprovider --durations=10 -o junit_family=xunit1 --junitxml "$dir/core.xml" \
+    "${CORE_TESTS[@]}" ${core_k[@]+"${core_k[@]}"} \
     ${pytest_args[@]+"${pytest_args[@]}"} > "$dir/core.log" 2>&1 || rc=1
   tail -n 3 "$dir/core.log" >&2
   log "$name: one 2-rank ZeRO-2 launch"
-  "$py" -m pytest -q -p no:cacheprovider --durations=10 -o junit_family=xunit1 --junitxml "$dir/zero2.xml" "${ZERO_TESTS[@]}" \
+  "$py" -m pytest -q -p no:cacheprovider --durations=10 -o junit_family=xunit1 --junitxml "$dir/zero2.xml" \
+    "${ZERO_TESTS[@]}" "${zero_k[@]}" \
     ${pytest_args[@]+"${pytest_args[@]}"} > "$dir/zero2.log" 2>&1 || rc=1
   tail -n 3 "$dir/zero2.log" >&2
   echo "$((SECONDS - t0))" > "$dir/seconds"
@@ -226,6 +252,7 @@ for name in ran:
     row.update(seconds=int((d / "seconds").read_text()), date=time.strftime("%Y-%m-%d"), failures=[], parts={})
     declared = (d / "declared.txt").read_text().strip()
     row["declared_range_admits_it"] = not declared
+    row["not_run"] = " ".join((d / "not_run.txt").read_text().split()) if (d / "not_run.txt").exists() else ""
     if declared:
         row["failures"].append(declared)
     for part in ("core", "zero2"):
@@ -240,7 +267,8 @@ for name in ran:
             if case.find("failure") is not None or case.find("error") is not None:
                 counts["failed"] += 1
                 bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-                row["failures"].append(f"{tid}: {(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else ''}")
+                first = (bad.get("message") or "").strip().splitlines()[:1]
+                row["failures"].append(f"{tid}: {first[0][:200] if first else ''}")
             elif case.find("skipped") is not None:
                 counts["skipped"] += 1
             else:
@@ -261,6 +289,9 @@ for s in order:
     p = lambda k: "{passed} / {failed} / {skipped}".format(**r["parts"].get(k, dict(passed=0, failed=0, skipped=0)))
     lines.append(f"| {s} | {r['python']} | " + " | ".join(str(r["versions"].get(c)) for c in cols)
                  + f" | {p('core')} | {p('zero2')} | {r['seconds']} | {r['date']} |")
+for s in order:
+    if rows[s].get("not_run"):
+        lines += ["", f"Not run in {s}: {rows[s]['not_run']}."]
 for s in order:
     if rows[s]["failures"]:
         lines += ["", f"Failures in {s}:", ""] + [f"- {f}" for f in rows[s]["failures"]]
