@@ -120,16 +120,23 @@ def test_own_refusals(monkeypatch):
         locate(model, tok, safety="shipped:advbench.jsonl", config=cfg)
 
 
-def test_fit_pair_keeps_the_response_and_the_end_of_the_prompt():
+def test_fit_pair_keeps_the_end_of_the_prompt_and_the_start_of_the_response():
     from ssah_plugin.data.rows import fit_pair
 
     p, r = list(range(10)), list(range(100, 104))
     assert fit_pair(p, r, 14) == (p, r, False)  # fits: unchanged
-    assert fit_pair(p, r, 8) == (p[-4:], r, True)  # the prompt loses its start
-    assert fit_pair(p, r, 4) == (p[-1:], r[:3], True)  # the response alone is too long: cut at its end
+    assert fit_pair(p, r, 8) == (p[-6:], r[:2], True)  # the reply keeps its guaranteed quarter, the prompt its end
+    assert fit_pair(p, r, 4) == (p[-3:], r[:1], True)
     assert fit_pair(p, r, 2) == (p[-1:], r[:1], True)
-    assert fit_pair([], r, 3) == ([], r[:2], True)
+    assert fit_pair([], r, 3) == ([], r[:3], True)
     assert fit_pair(p, [], 3) == (p[-3:], [], True)
+    # a short prompt and a long reply: the standard SFT cut, the whole request survives
+    short, long_reply = list(range(5)), list(range(100, 400))
+    assert fit_pair(short, long_reply, 192) == (short, long_reply[:187], True)
+    # a long prompt and a long reply: the reply keeps a quarter of the length, the prompt the rest of its end
+    long_prompt = list(range(300))
+    assert fit_pair(long_prompt, long_reply, 192) == (long_prompt[-144:], long_reply[:48], True)
+    assert fit_pair(long_prompt, [7, 8], 192) == (long_prompt[-190:], [7, 8], True)  # a short reply is kept whole
     for bad in (1, 0, 2.5, True):
         with pytest.raises(ValueError, match="max_length"):
             fit_pair(p, r, bad)
@@ -154,6 +161,8 @@ def test_sft_examples_mask_prompt_and_cut_long_rows_by_the_one_rule():
         p, r, cut = fit_pair(*chat_pair_ids(tok, *pair), 64)
         assert cut and len(row["input_ids"]) == 64 and row["input_ids"] == p + r
         assert row["labels"] == [-100] * len(p) + r and r  # the response survives
-    p1, r1 = chat_pair_ids(tok, *pairs[1])
+    p1, r1 = chat_pair_ids(tok, *pairs[1])  # a short reply after a long prompt: reply whole, prompt's end
     assert rows[1]["input_ids"][-len(r1):] == r1 and rows[1]["input_ids"][:-len(r1)] == p1[-(64 - len(r1)):]
+    p2, r2 = chat_pair_ids(tok, *pairs[2])  # both long: the reply keeps its first quarter of the length
+    assert rows[2]["input_ids"] == p2[-48:] + r2[:16]
     assert sft_examples(tok, pairs, max_length=64, drop_unlabelled=False) == rows  # every row has a label

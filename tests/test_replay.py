@@ -102,9 +102,9 @@ def test_tokenized_rows_equal_sft_examples():
     # over-long rows follow the package's one truncation rule (data.rows.fit_pair): the refusal's start is kept
     with pytest.warns(UserWarning, match="3 of 3 rows are longer than max_length=4"):
         cut = replay_rows(REFUSALS, like, tokenizer=tok, max_length=4)
-    assert all(len(r["input_ids"]) == 4 and r["labels"][0] == -100 and -100 not in r["labels"][1:] for r in cut)
+    assert all(len(r["input_ids"]) == 4 and r["labels"][:3] == [-100] * 3 and r["labels"][3] != -100 for r in cut)
     full = sft_examples(tok, REFUSALS, max_length=64, drop_unlabelled=False)
-    assert [r["labels"][1:] for r in cut] == [[x for x in f["labels"] if x != -100][:3] for f in full]
+    assert [r["labels"][3:] for r in cut] == [[x for x in f["labels"] if x != -100][:1] for f in full]
     with pytest.raises(DataError, match="tokenizer="):
         replay_rows(REFUSALS, like, max_length=64)
     with pytest.warns(UserWarning, match="no 'labels'"):

@@ -196,9 +196,9 @@ def encode_pairs(tokenizer, pairs: Iterable[Pair], *, tokens: str = "response", 
     are exactly the positions that carry the SFT loss on the response (Wei et al. score on response tokens).
     ``tokens="all"`` counts every non-padding position.
 
-    ``max_length`` truncates longer conversations by :func:`fit_pair` (the one rule: the response is kept, cut at
-    its end only if it alone is too long, and the prompt keeps its end, the generation prompt; one warning per call
-    counts such rows). Without it, a conversation longer than ``max_positions`` (the model's maximum positions)
+    ``max_length`` truncates longer conversations by :func:`fit_pair` (the one rule: the prompt keeps its end, the
+    whole prompt whenever it leaves the response a quarter of the length, and the response keeps its start; one
+    warning per call counts such rows). Without it, a conversation longer than ``max_positions`` (the model's maximum positions)
     raises :class:`DataError`.
     """
     if tokens not in ("response", "all"):
@@ -237,12 +237,14 @@ def fit_pair(prompt_ids: Sequence[int], response_ids: Sequence[int],
              max_length: int) -> tuple[list[int], list[int], bool]:
     """The one truncation rule for over-long rows (benign loss, SFT rows, locate): ``(prompt, response, truncated)``.
 
-    A pair of at most ``max_length`` tokens is returned unchanged. A longer one keeps its **response** and the
-    **end of its prompt**: the response is cut at its end only if it alone leaves no room for one prompt token
-    (it keeps at most ``max_length - 1`` tokens), and the prompt keeps its last ``max_length - len(response)``
-    tokens (the generation prompt, where the model starts answering, always survives). So every kept response
-    token still has the position before it, and the response tokens a loss or a statistic counts are the first
-    ones of the reply (where refusals live). ``max_length`` must be >= 2.
+    A pair of at most ``max_length`` tokens is returned unchanged. A longer one keeps the **end of its prompt** and
+    the **start of its response**: the response is guaranteed ``min(len(response), max(1, max_length // 4))``
+    tokens; the prompt keeps its last tokens up to the rest of the length (the whole prompt whenever it fits, the
+    generation prompt, where the model starts answering, always), and the response fills what is left, cut at its
+    end. For the usual case, a short prompt and a long reply, this is the standard SFT truncation ``(prompt +
+    response)[:max_length]``: the model still sees what it is answering, and the response tokens a loss or a
+    statistic counts are the first ones of the reply (where refusals live). A prompt alone longer than the length
+    loses its start. Every kept response token has the position before it. ``max_length`` must be >= 2.
 
     Callers count the ``truncated`` flags and warn once per call (:func:`warn_truncated`).
     """
@@ -251,8 +253,9 @@ def fit_pair(prompt_ids: Sequence[int], response_ids: Sequence[int],
     p, r = list(prompt_ids), list(response_ids)
     if len(p) + len(r) <= max_length:
         return p, r, False
-    r = r[: max_length - 1]
-    p = p[max(len(p) - (max_length - len(r)), 0):]
+    reserved = min(len(r), max(1, max_length // 4))  # the reply's guaranteed share
+    p = p[max(len(p) - (max_length - reserved), 0):]
+    r = r[: max_length - len(p)]
     return p, r, True
 
 
@@ -260,15 +263,16 @@ def warn_truncated(n_truncated: int, n_rows: int, max_length: int, where: str) -
     """One warning for a call that cut ``n_truncated`` of ``n_rows`` rows with :func:`fit_pair` (none for 0)."""
     if n_truncated:
         warnings.warn(f"{where}: {n_truncated} of {n_rows} rows are longer than max_length={max_length} tokens and "
-                      "were truncated (each keeps its response and the end of its prompt)", stacklevel=3)
+                      "were truncated (each keeps the end of its prompt and the start of its response)", stacklevel=3)
 
 
 def sft_examples(tokenizer, pairs: Iterable[Pair], *, max_length: int,
                  drop_unlabelled: bool = True) -> list[dict[str, list[int]]]:
     """Supervised fine-tuning rows: chat-formatted ``input_ids``, ``labels`` -100 on the prompt.
 
-    A conversation longer than ``max_length`` tokens is cut by :func:`fit_pair` (it keeps the response and the end
-    of the prompt; one warning per call counts such rows), so every row keeps its response tokens. A row without any
+    A conversation longer than ``max_length`` tokens is cut by :func:`fit_pair` (it keeps the end of the prompt,
+    the whole prompt when it is short, and the start of the response; one warning per call counts such rows), so
+    every row keeps response tokens. A row without any
     (a chat template that renders nothing after the generation prompt) carries no loss and is dropped unless
     ``drop_unlabelled=False``. Pad a batch with
     ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``.

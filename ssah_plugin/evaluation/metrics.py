@@ -209,8 +209,8 @@ def benign_loss(
 
     Only response tokens count (the assistant turn after the generation prompt: content and end-of-turn marker).
     The mean is over all response tokens of all pairs (token-weighted). A pair longer than ``max_length`` tokens
-    is cut by :func:`ssah_plugin.data.rows.fit_pair` (it keeps its response, cut at the end only if it alone is too
-    long, and the end of its prompt); ``truncated`` counts them and one warning per call says how many.
+    is cut by :func:`ssah_plugin.data.rows.fit_pair` (it keeps the end of its prompt, the whole prompt when it is
+    short, and the start of its response); ``truncated`` counts them and one warning per call says how many.
     ``max_length`` is lowered to the model's ``max_position_embeddings`` when that is smaller.
 
     Memory: each batch runs one forward that keeps the final hidden states and asks the model for the logits of

@@ -52,7 +52,7 @@ class LocateConfig:
     max_samples: int | None = _opt(128, "rows drawn (seeded) from each data set; None (CLI: 0) = all", CALIBRATION,
                                    kind="samples")
     max_length: int | None = _opt(
-        None, "longest conversation in tokens; a longer one keeps its response and the end of its prompt "
+        None, "longest conversation in tokens; a longer one keeps the end of its prompt and the start of its response "
         "(None: the model's maximum positions)", CALIBRATION)
     tokens: Literal["response", "all"] = _opt(
         "response", "positions counted: 'response' (positions predicting a response token) or 'all' non-padding ones",

@@ -86,7 +86,7 @@ class CalibrationData:
 def length_limit(max_length: int | None, max_pos: int | None) -> int | None:
     """The longest conversation locate feeds the model: ``max_length`` lowered to the model's maximum positions
     (as the benign loss does), or those positions when ``max_length`` is None. Longer rows are cut by the one rule,
-    :func:`ssah_plugin.data.rows.fit_pair` (response kept, prompt keeps its end; one warning per data set)."""
+    :func:`ssah_plugin.data.rows.fit_pair` (prompt end and response start kept; one warning per data set)."""
     if max_length is None or max_pos is None:
         return max_pos if max_length is None else max_length
     return min(max_length, max_pos)
