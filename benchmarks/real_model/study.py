@@ -215,16 +215,41 @@ def training_pairs(args, setting: str, seed: int) -> list[tuple[Any, str]]:
 
 
 def user_rows(args, tok, setting: str, seed: int) -> list[dict]:
-    """The first ``--train-rows`` pairs of the seeded pool that keep at least one reply token within ``--max-len``
-    (rows whose prompt alone fills the length carry no loss and are skipped, so every run has the same count)."""
-    from ssah_plugin.data.rows import sft_examples
+    """The first ``--train-rows`` pairs of the seeded pool, cut as the protocol fixed before the first runs.
+
+    Each row is the chat-formatted prompt + reply cut at ``--max-len`` from the right (the standard SFT cut: the
+    request stays whole, the reply keeps its start), labels -100 on the prompt; rows whose prompt alone fills the
+    length carry no loss and are skipped, so every run has the same count. The harness cuts the rows itself, so
+    that every run of the study sees the rows of the first runs even if the package's truncation rule changes
+    (commit ``640d201`` changed it to "keep the reply, drop the prompt's start", which dropped the whole request of
+    153 of the 160 harmful rows; runs made with that were discarded, see PROGRESS.md)."""
+    from ssah_plugin.data.chat import chat_pair_ids
 
     rows: list[dict] = []
-    for pair in training_pairs(args, setting, seed):
-        rows += sft_examples(tok, [pair], max_length=args.max_len)
+    for prompt, reply in training_pairs(args, setting, seed):
+        p, r = chat_pair_ids(tok, prompt, reply)
+        ids = (p + r)[: args.max_len]
+        labels = ([-100] * len(p) + r)[: args.max_len]
+        if all(x == -100 for x in labels):
+            continue
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
         if len(rows) == args.train_rows:
             break
     return rows
+
+
+def protocol_pair_ids(tokenizer, pair, system, max_length: int) -> tuple[list[int], list[int], bool]:
+    """The held-out loss's cut of the first runs (base, plain and replay, 3 seeds): a pair over ``max_length`` keeps
+    its reply (cut at its end only if it alone leaves no room for one prompt token) and the end of its prompt. The
+    package's rule now keeps the prompt first (``data.rows.fit_pair``); 22 of the 50 held-out pairs are cut
+    differently by it, so the harness keeps the first runs' cut to stay comparable with them."""
+    from ssah_plugin.data.chat import chat_pair_ids
+
+    p, r = chat_pair_ids(tokenizer, *pair, system)
+    if len(p) + len(r) <= max_length:
+        return p, r, False
+    r = r[: max_length - 1]
+    return p[len(p) - (max_length - len(r)):], r, True
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -275,8 +300,13 @@ def evaluate_model(args, model, tok, out: Path) -> dict:
                    prefill_sha256_16=[sha(t) for t in pre["value"]], prefill_s=pre["s"])
     heldout = benign_splits()["eval"]
     pairs = [(benign_prompt(r), r["output"]) for r in heldout[: args.benign_eval]]
-    loss = cached(out, "benign_loss", lambda: {k: float(v) for k, v in benign_loss(
-        model, tok, pairs, batch_size=8, max_length=args.max_len).items() if k in ("loss", "tokens")})
+    from unittest import mock
+
+    from ssah_plugin.evaluation import metrics
+
+    with mock.patch.object(metrics, "_pair_ids", protocol_pair_ids):  # the first runs' cut (see protocol_pair_ids)
+        loss = cached(out, "benign_loss", lambda: {k: float(v) for k, v in benign_loss(
+            model, tok, pairs, batch_size=8, max_length=args.max_len).items() if k in ("loss", "tokens")})
     res.update(benign_loss=loss["value"]["loss"], benign_tokens=int(loss["value"]["tokens"]), benign_pairs=len(pairs))
     fr_prompts = [benign_prompt(r) for r in heldout[-args.false_refusal_prompts:]]
     fr = cached(out, "false_refusal", lambda: false_refusal_rate(
