@@ -304,7 +304,7 @@ def readme_block(summary: dict) -> str:
                      f"{a['benign_loss']:.3f} | {_pct(a['false_refusal'])} | {len(a['seeds'])} |")
     harm = {a["arm"]: a for a in summary["arms"] if a["setting"] == "harmful"}
     for name, label in (("plain", "harmful fine-tuning (attack), plain"), ("replay", "attack + replay (5%)"),
-                        ("replay20", "attack + replay (20%)"), ("constrained", "**attack + token-wise constraint**")):
+                        ("replay20", "attack + replay (20%)"), ("constrained", "attack + token-wise constraint")):
         a = harm.get(name)
         if a is None:
             continue
