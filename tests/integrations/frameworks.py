@@ -139,3 +139,27 @@ def frozen_report(base: Path, tuned: Path, mask_path: Path, policy: str = POLICY
     unit_tensors = {s.name for g in mask.groups for s in g.slices}
     others = [k for k in a if k not in unit_tensors and k in b and not torch.equal(a[k], b[k])]
     return FrozenReport(frozen_units, n_el, n_bad, trainable, moved, others)
+
+
+def check_merged_lora_run(run: TinyRun, proc: subprocess.CompletedProcess, out: Path) -> None:
+    """A LoRA run finished and, merged into the base, kept every frozen unit bitwise while every other unit moved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert proc.returncode == 0, tail(proc.stdout)
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(run.base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, out / "model").merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    rep = frozen_report(run.base, out / "merged", run.mask)
+    assert rep.frozen_units > 0
+    assert rep.frozen_changed == 0, f"{rep.frozen_changed} of {rep.frozen_elements} frozen weights changed"
+    assert rep.trainable_units_moved == rep.trainable_units, rep
+
+
+def check_refused_before_training(proc: subprocess.CompletedProcess, out: Path) -> None:
+    """A run with a mask for other weights stopped with the mismatch error before any optimizer step or save."""
+    assert proc.returncode != 0
+    assert "MaskMismatchError" in proc.stdout and "mask was made for other weights" in proc.stdout, tail(proc.stdout)
+    assert "'loss'" not in proc.stdout  # no optimizer step was logged
+    assert not (out / "model" / "model.safetensors").exists()

@@ -25,7 +25,14 @@ if importlib.util.find_spec("llamafactory") is None:
     pytest.skip("LLaMA-Factory is not installed in this environment; build its own with `bash "
                 "scripts/integration_envs.sh llamafactory` (runs these tests there)", allow_module_level=True)
 
-from .frameworks import POLICY, frozen_report, run_cli, tail
+from .frameworks import (
+    POLICY,
+    check_merged_lora_run,
+    check_refused_before_training,
+    frozen_report,
+    run_cli,
+    tail,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "integrations" / "llamafactory"
@@ -96,30 +103,15 @@ def test_control_without_plugin_moves_frozen_units(tiny_run, tmp_path):
 
 
 def test_lora_merged_model_keeps_frozen_units_bitexact(tiny_run, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "lora"
     proc = _launch(_config("lora-ssah.yaml", tiny_run, out, lora_dropout=0.0))
-    assert proc.returncode == 0, tail(proc.stdout)
-    assert (out / "model" / "adapter_model.safetensors").is_file()
-    base = AutoModelForCausalLM.from_pretrained(tiny_run.base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, out / "model").merge_and_unload()
-    merged.save_pretrained(out / "merged")
-    rep = frozen_report(tiny_run.base, out / "merged", tiny_run.mask)
-    assert rep.frozen_units > 0
-    assert rep.frozen_changed == 0, f"{rep.frozen_changed} of {rep.frozen_elements} frozen weights changed"
-    assert rep.trainable_units_moved == rep.trainable_units, rep
+    check_merged_lora_run(tiny_run, proc, out)
 
 
 def test_mask_for_other_weights_refused_before_training(tiny_run, tmp_path):
     out = tmp_path / "foreign"
     proc = _launch(_config("sft-ssah.yaml", tiny_run, out, ssah_mask=str(tiny_run.foreign_mask)))
-    assert proc.returncode != 0
-    assert "MaskMismatchError" in proc.stdout and "mask was made for other weights" in proc.stdout, tail(proc.stdout)
-    assert "'loss'" not in proc.stdout
-    assert not (out / "model" / "model.safetensors").exists()
+    check_refused_before_training(proc, out)
 
 
 def test_llamafactory_cli_refuses_ssah_keys(tiny_run, tmp_path):
