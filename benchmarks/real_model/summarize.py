@@ -155,7 +155,10 @@ def recommend_harmful(arms: list[dict]) -> dict:
             reasons.append(f"p = {a['refusal_mcnemar']['p']:.3g}")
         if a["false_refusal_rise_vs_base"] > MAX_FALSE_REFUSAL_RISE:
             reasons.append(f"false refusals +{100 * a['false_refusal_rise_vs_base']:.0f} points")
-        (notes.append(f"{a['arm']}: " + ", ".join(reasons)) if reasons else ok.append((k, a["arm"], a)))
+        if reasons:
+            notes.append(f"{a['arm']}: " + ", ".join(reasons))
+        else:
+            ok.append((k, a["arm"], a))
     if not ok:
         return {"arm": None, "confirmed": False,
                 "why": "no arm meets the harmful aim yet: " + ("; ".join(notes) if notes else "no arm finished")}

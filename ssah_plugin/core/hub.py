@@ -45,7 +45,7 @@ from ssah_plugin.core.mask_format import serialize
 from ssah_plugin.errors import MaskFormatError, SSAHError, require
 
 __all__ = ["CARD_FILENAME", "MASK_FILENAME", "HubMixin", "MaskHubError", "MaskSpec", "MaskSpecError", "is_repo_id",
-           "parse_mask_spec"]
+           "names_hub_repo", "parse_mask_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not an existing path
         return False
+
+
+def names_hub_repo(text: str) -> bool:
+    """True when ``text`` is read as a Hub repo id: it has the ``org/name`` form and is not an existing local path
+    (an existing path always wins, as in :func:`parse_mask_spec`)."""
+    return is_repo_id(text) and not _exists(Path(text).expanduser())
 
 
 def _looks_local(text: str) -> bool:
@@ -186,7 +192,7 @@ class HubMixin:
         """
         text = os.fspath(repo_id_or_dir)
         local = Path(text).expanduser()
-        if isinstance(repo_id_or_dir, os.PathLike) or _exists(local) or not is_repo_id(text):
+        if isinstance(repo_id_or_dir, os.PathLike) or not names_hub_repo(text):
             if revision is not None:
                 raise MaskSpecError(f"revision={revision!r} applies to Hub repos only; {text!r} is a local path")
             if local.is_dir():

@@ -15,13 +15,12 @@ Pure tensor code on the CPU in float64 (no hooks, no model calls besides reading
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ssah_plugin.core.hub import is_repo_id
+from ssah_plugin.core.hub import names_hub_repo
 from ssah_plugin.core.mask import CLASS_CODES, Mask, config_hash, fingerprint_samples
 from ssah_plugin.core.units import UnitGroup, find_arch_spec, unwrap_model
 from ssah_plugin.errors import UnsupportedSetupError
@@ -144,7 +143,7 @@ def build_mask(model: nn.Module, groups: list[UnitGroup], raw_safety: list[torch
         "config": config.method_dict(),
     }
     name = getattr(getattr(root, "config", None), "_name_or_path", None)
-    if isinstance(name, str) and is_repo_id(name) and not Path(name).exists():  # a Hub id, never a local folder
+    if isinstance(name, str) and names_hub_repo(name):  # a Hub id, never a local folder (it would leak its path)
         method["base_model"] = name
     method.update(method_extra or {})
     return Mask(groups=groups, architecture=model_type, model_class=type(root).__name__,
