@@ -135,6 +135,24 @@ def test_v1_golden_reads_as_before_and_saves_as_v2(tmp_path):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_record_base_reads_gathered_zero3_params_and_refuses_placeholders():
+    """A ZeRO-3 parameter inside ``GatheredParameters`` (``ds_shape`` set, full storage) is read like any tensor; a
+    partitioned placeholder (``ds_shape`` set, empty storage) cannot be, and is named."""
+    model = tiny_model("llama", seed=0)
+    gold = Mask.load(GOLDEN)
+    for p in model.parameters():
+        p.ds_shape = p.shape  # what deepspeed leaves on a gathered parameter
+    gathered = Mask.load(GOLDEN).record_base(model)
+    for d in gold.digests:
+        for a, b in zip(gathered.digests[d], gold.digests[d]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    weight = model.model.layers[0].mlp.down_proj.weight
+    weight.data = torch.empty(0)  # the partition outside a gather: no values here
+    with pytest.raises(MaskMismatchError, match="cannot read the base values of model.layers.0.mlp.down_proj"):
+        Mask.load(GOLDEN).record_base(model)
+    assert Mask.load(GOLDEN_V1).record_base(model, missing="skip").digests == Mask.load(GOLDEN_V1).digests
+
+
 @pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_V1], ids=["v2", "v1"])
 def test_golden_validates_against_its_model(golden):
     Mask.load(golden).validate(tiny_model("llama", seed=0))

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ssah_plugin.core.peft_layout import find_weight
+from ssah_plugin.core.peft_layout import find_weight, holds_values
 from ssah_plugin.core.units import SliceMap, UnitGroup, unwrap_model
 
 __all__ = ["DIGEST_DTYPES", "DIGEST_BYTES", "DIGEST_ALGORITHM", "unit_values", "unit_digests", "record_digests",
@@ -70,10 +70,11 @@ def unit_digests(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _readable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` detached, or ``None`` when its values cannot be read here (packed quantized, a ZeRO-3 placeholder,
-    the meta device)."""
-    if t is None or getattr(t, "quant_state", None) is not None or getattr(t, "ds_shape", None) is not None \
-            or t.device.type == "meta":
+    """``t`` detached, or ``None`` when its values cannot be read here (packed quantized, a ZeRO-3 placeholder
+    outside a gather, the meta device). A ZeRO-3 parameter inside ``GatheredParameters`` holds all its values
+    (:func:`holds_values`) and is read like any tensor."""
+    if t is None or getattr(t, "quant_state", None) is not None or t.device.type == "meta" \
+            or (getattr(t, "ds_shape", None) is not None and not holds_values(t)):
         return None
     return t.detach()
 
