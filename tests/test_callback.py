@@ -8,6 +8,7 @@ back by hand after each optimizer step, both with dense boolean masks.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ssah_plugin.io.tiny import TINY_FAMILIES, tiny_model
 from ssah_plugin.testing.data import lm_dataset as _dataset
 from ssah_plugin.testing.oracles import dense_frozen_masks as _dense_masks
 from ssah_plugin.testing.trainers import HandMaskedTrainer, HandRestore
+from ssah_plugin.testing.trainers import grad_norms as _grad_norms
 
 MAX_GRAD_NORM = 0.01
 CONSTANT_LR = {"lr_scheduler_type": "constant", "warmup_steps": 0}  # weight decay moves frozen values at every step
@@ -44,8 +46,19 @@ def _args(out, *, bf16=False, steps=5, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def _grad_norms(trainer) -> list[float]:
-    return [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r]
+def _trained(model, out, callbacks, *, ds=None, trainer_cls=Trainer, **kw) -> Trainer:
+    """A ``trainer_cls`` on ``ds`` (default: the shared tiny LM dataset), already trained; ``kw`` go to ``_args``."""
+    trainer = trainer_cls(model=model, args=_args(out, **kw), train_dataset=_dataset() if ds is None else ds,
+                          callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def _assert_same_run(a: Trainer, b: Trainer) -> None:
+    """Two runs took the same gradient norms and ended at the same weights, bit for bit."""
+    assert _grad_norms(a) == _grad_norms(b)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -63,12 +76,9 @@ def test_trainer_bitwise_per_architecture(family, bf16, tmp_path):
     ds = _dataset()
 
     cb = SSAHCallback(mask)
-    trainer = Trainer(model=model, args=_args(tmp_path / "a", bf16=bf16), train_dataset=ds, callbacks=[cb])
-    trainer.train()
-    ref = HandMaskedTrainer(model=ref_model, args=_args(tmp_path / "b", bf16=bf16), train_dataset=ds,
-                            callbacks=[HandRestore(dense, base)])
-    ref.dense = dense
-    ref.train()
+    trainer = _trained(model, tmp_path / "a", [cb], ds=ds, bf16=bf16)
+    ref = _trained(ref_model, tmp_path / "b", [HandRestore(dense, base)], ds=ds, bf16=bf16,
+                   trainer_cls=functools.partial(HandMaskedTrainer, dense=dense))
 
     assert trainer.state.global_step == 5 and cb.summary["steps"] == 5 and cb.summary["max_drift"] == 0.0
     params = dict(model.named_parameters())
@@ -90,11 +100,9 @@ def test_grad_norm_reference_can_fail(tmp_path):
     mask = Mask.from_units(model, _units(model))
     plain = copy.deepcopy(model)
     ds = _dataset()
-    t1 = Trainer(model=model, args=_args(tmp_path / "a", steps=2), train_dataset=ds, callbacks=[SSAHCallback(mask)])
-    t1.train()
+    t1 = _trained(model, tmp_path / "a", [SSAHCallback(mask)], ds=ds, steps=2)
     restore_only = SSAHCallback(mask, grad_mode="none")
-    t2 = Trainer(model=plain, args=_args(tmp_path / "b", steps=2), train_dataset=ds, callbacks=[restore_only])
-    t2.train()
+    t2 = _trained(plain, tmp_path / "b", [restore_only], ds=ds, steps=2)
     assert _grad_norms(t1)[0] < _grad_norms(t2)[0]
     assert restore_only.summary["max_drift"] == 0.0  # restore alone still keeps values exact
 
@@ -105,16 +113,12 @@ def test_tensor_grad_mode_same_result(tmp_path):
     other = copy.deepcopy(model)
     ds = _dataset()
     auto = SSAHCallback(mask)
-    a = Trainer(model=model, args=_args(tmp_path / "a", steps=3), train_dataset=ds, callbacks=[auto])
-    a.train()
+    a = _trained(model, tmp_path / "a", [auto], ds=ds, steps=3)
     cb = SSAHCallback(mask, grad_mode="tensor")
-    b = Trainer(model=other, args=_args(tmp_path / "b", steps=3), train_dataset=ds, callbacks=[cb])
-    b.train()
+    b = _trained(other, tmp_path / "b", [cb], ds=ds, steps=3)
     assert auto.enforcer.grad_mode == "post_accumulate"  # auto, single process
     assert cb.enforcer.grad_mode == "tensor"
-    assert _grad_norms(a) == _grad_norms(b)
-    for (n, p), q in zip(model.named_parameters(), other.parameters()):
-        assert torch.equal(p, q), n
+    _assert_same_run(a, b)
 
 
 class Reporter(TrainerCallback):
@@ -159,9 +163,7 @@ def test_constructor_callback_order_logs_and_weights(tmp_path):
     before, after, watch_before, watch_after = Reporter(), Reporter(), FrozenWatcher(dense, base), \
         FrozenWatcher(dense, base)
     cb = SSAHCallback(mask)
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=3, **CONSTANT_LR), train_dataset=_dataset(),
-                      callbacks=[before, watch_before, cb, after, watch_after])
-    trainer.train()
+    trainer = _trained(model, tmp_path, [before, watch_before, cb, after, watch_after], steps=3, **CONSTANT_LR)
     _check_summary(trainer, cb)
     assert sum("ssah/frozen_fraction" in r for r in after.seen) == 1
     assert not any("ssah/frozen_fraction" in r for r in before.seen)
@@ -206,18 +208,15 @@ def test_snapshot_in_host_memory_is_bitwise_the_same_run(tmp_path):
     mask = Mask.from_units(model, _units(model))
     other, base, dense = copy.deepcopy(model), _snapshot(model), _dense_masks(mask, model)
     ds = _dataset()
-    a = Trainer(model=model, args=_args(tmp_path / "a", steps=3), train_dataset=ds, callbacks=[SSAHCallback(mask)])
-    a.train()
+    a = _trained(model, tmp_path / "a", [SSAHCallback(mask)], ds=ds, steps=3)
     cb = SSAHCallback(mask, snapshot_device="cpu")
-    b = Trainer(model=other, args=_args(tmp_path / "b", steps=3), train_dataset=ds, callbacks=[cb])
-    b.train()
+    b = _trained(other, tmp_path / "b", [cb], ds=ds, steps=3)
     assert cb.enforcer.snapshot_device == "cpu" and all(t.device.type == "cpu" for t in cb.enforcer._snapshots)
-    assert cb.summary["max_drift"] == 0.0 and _grad_norms(a) == _grad_norms(b)
+    assert cb.summary["max_drift"] == 0.0
     params = dict(other.named_parameters())
     for name, m in dense.items():
         assert torch.equal(params[name].detach()[m], base[name][m]), name
-    for (n, p), q in zip(model.named_parameters(), other.parameters()):
-        assert torch.equal(p, q), n
+    _assert_same_run(a, b)
 
 
 def test_resume_keeps_original_base_values(tmp_path):
@@ -253,9 +252,7 @@ def test_tied_embeddings_and_bf16_model_without_master_weights(tmp_path):
     mask = Mask.from_units(model, _units(model))
     cb = SSAHCallback(mask)
     base = _snapshot(model)
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=3, learning_rate=5e-2), train_dataset=_dataset(),
-                      callbacks=[cb])
-    trainer.train()
+    _trained(model, tmp_path, [cb], steps=3, learning_rate=5e-2)
     planned = {s.name for s in cb.enforcer.slices}
     assert not any("embed" in n or "lm_head" in n for n in planned)
     assert not torch.equal(model.model.embed_tokens.weight, base["model.embed_tokens.weight"])  # trains normally

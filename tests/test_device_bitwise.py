@@ -99,8 +99,7 @@ def test_trainer_callback_bitwise(torch_device, precision, snapshot, tmp_path):
                       callbacks=[cb])
     trainer.train()
     ref = HandMaskedTrainer(model=ref_model, args=_args(tmp_path / "b", torch_device, precision), train_dataset=ds,
-                            callbacks=[HandRestore(dense, base)])
-    ref.dense = dense
+                            callbacks=[HandRestore(dense, base)], dense=dense)
     ref.train()
 
     assert next(model.parameters()).device.type == torch_device.type

@@ -16,9 +16,12 @@ __all__ = ["HandMaskedTrainer", "HandRestore", "grad_norms", "logged_losses"]
 
 
 class HandMaskedTrainer(Trainer):
-    """A Trainer that zeroes the frozen gradients by hand after every backward (set ``dense`` before ``train()``)."""
+    """A Trainer that zeroes the frozen gradients by hand after every backward (``dense``: name -> boolean mask of
+    the frozen elements; given to the constructor or set before ``train()``)."""
 
-    dense: dict[str, torch.Tensor] = {}
+    def __init__(self, *args, dense: dict[str, torch.Tensor] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dense = dense if dense is not None else {}
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
