@@ -297,7 +297,8 @@ def readme_block(summary: dict) -> str:
              "|---|---|---|---|---|---|",
              f"| base model | {_pct(b['refusal'])} | {_pct(b['prefill_refusal'])} | {b['benign_loss']:.3f} | "
              f"{_pct(b['false_refusal'])} | |"]
-    for name, label in (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only"),
+    for name, label in (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only (paper)"),
+                        ("conflict", "freezing task-conflict units (5%) only"),
                         ("replay", "**recipe: own-refusal replay (5%)**"),
                         ("replay+scu+cu6", "replay + freezing `scu+cu6`")):
         a = arms.get(name)
