@@ -299,6 +299,7 @@ def readme_block(summary: dict) -> str:
              f"{_pct(b['false_refusal'])} | |"]
     for name, label in (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only (paper)"),
                         ("conflict", "freezing task-conflict units (5%) only"),
+                        ("scu+cu", "freezing `scu+cu` only (paper, 72% of units)"),
                         ("replay", "**recipe: own-refusal replay (5%)**"),
                         ("replay+scu+cu6", "replay + freezing `scu+cu6`")):
         a = arms.get(name)
