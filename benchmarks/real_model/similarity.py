@@ -17,10 +17,10 @@ import re
 import statistics
 from pathlib import Path
 
+from ssah_plugin.data.rows import load_rows
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "real_model"
-ADVBENCH = REPO / "ssah_plugin" / "data" / "advbench.jsonl"
+RESULTS = HERE.parents[1] / "benchmarks" / "results" / "real_model"
 
 
 def words(text: str) -> frozenset[str]:
@@ -32,16 +32,9 @@ def max_jaccard(text: str, pool: list[frozenset[str]]) -> float:
     return max((len(w & q) / len(w | q) for q in pool if w | q), default=0.0)
 
 
-def _rows(path: Path) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if not rows:
-        raise SystemExit(f"{path} has no rows")
-    return rows
-
-
 def analyse(refusals: Path, stages: Path, threshold: float, harmful: Path | None = None) -> dict:
-    replayed = _rows(refusals)
-    adv = _rows(ADVBENCH)
+    replayed = load_rows(refusals)
+    adv = load_rows("shipped:advbench.jsonl")
     by_prompt = {r["prompt"]: r["id"] for r in adv if r.get("split") == "calib"}
     missing = [r for r in replayed if r["prompt"] not in by_prompt]
     if missing:
@@ -54,7 +47,7 @@ def analyse(refusals: Path, stages: Path, threshold: float, harmful: Path | None
                  "n_eval": len(ev), "median_similarity_to_replayed": statistics.median(sims),
                  "n_at_or_above_0.5": sum(s >= 0.5 for s in sims), "checkpoints": {}}
     if harmful is not None:
-        hpool = [words(r["prompt"]) for r in _rows(harmful)]
+        hpool = [words(r["prompt"]) for r in load_rows(harmful)]
         hs = [max_jaccard(r["prompt"], hpool) for r in ev]
         out["median_similarity_to_harmful_train"] = statistics.median(hs)
         out["n_at_or_above_0.5_harmful_train"] = sum(s >= 0.5 for s in hs)

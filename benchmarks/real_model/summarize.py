@@ -297,24 +297,22 @@ def readme_block(summary: dict) -> str:
              "|---|---|---|---|---|---|",
              f"| base model | {_pct(b['refusal'])} | {_pct(b['prefill_refusal'])} | {b['benign_loss']:.3f} | "
              f"{_pct(b['false_refusal'])} | |"]
-    for name, label in (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only (paper)"),
-                        ("conflict", "freezing task-conflict units (5%) only"),
-                        ("scu+cu", "freezing `scu+cu` only (paper, 72% of units)"),
-                        ("replay", "**recipe: own-refusal replay (5%)**"),
-                        ("replay+scu+cu6", "replay + freezing `scu+cu6`")):
-        a = arms.get(name)
-        if a is None:
-            continue
-        lines.append(f"| {label} | {_pct(a.get('refusal'))} | {_pct(a.get('prefill_refusal'))} | "
-                     f"{a['benign_loss']:.3f} | {_pct(a['false_refusal'])} | {len(a['seeds'])} |")
+
+    def add_rows(by_arm: dict[str, dict], labels: tuple[tuple[str, str], ...]) -> None:
+        for name, label in labels:
+            a = by_arm.get(name)
+            if a is not None:
+                lines.append(f"| {label} | {_pct(a.get('refusal'))} | {_pct(a.get('prefill_refusal'))} | "
+                             f"{a['benign_loss']:.3f} | {_pct(a['false_refusal'])} | {len(a['seeds'])} |")
+
+    add_rows(arms, (("plain", "plain fine-tuning"), ("scu+cu6", "freezing `scu+cu6` only (paper)"),
+                    ("conflict", "freezing task-conflict units (5%) only"),
+                    ("scu+cu", "freezing `scu+cu` only (paper, 72% of units)"),
+                    ("replay", "**recipe: own-refusal replay (5%)**"),
+                    ("replay+scu+cu6", "replay + freezing `scu+cu6`")))
     harm = {a["arm"]: a for a in summary["arms"] if a["setting"] == "harmful"}
-    for name, label in (("plain", "harmful fine-tuning (attack), plain"), ("replay", "attack + replay (5%)"),
-                        ("replay20", "attack + replay (20%)"), ("constrained", "attack + token-wise constraint")):
-        a = harm.get(name)
-        if a is None:
-            continue
-        lines.append(f"| {label} | {_pct(a.get('refusal'))} | {_pct(a.get('prefill_refusal'))} | "
-                     f"{a['benign_loss']:.3f} | {_pct(a['false_refusal'])} | {len(a['seeds'])} |")
+    add_rows(harm, (("plain", "harmful fine-tuning (attack), plain"), ("replay", "attack + replay (5%)"),
+                    ("replay20", "attack + replay (20%)"), ("constrained", "attack + token-wise constraint")))
     rec = arms.get("replay")
     if rec and rec.get("refusal_kept"):
         k = rec["refusal_kept"]
