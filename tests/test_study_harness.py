@@ -83,6 +83,7 @@ def test_summary_kept_fraction_on_heldout_rows(summarize):
     assert arm["refusal_kept"]["kept"] == pytest.approx(0.5)  # AdvBench: (0.5 - 0) / (1 - 0)
     table = summarize.headline_table(s)
     assert "Held-out attack rows" in table and "| harmsplit | replay20 | 0 | 50%" in table
+    assert "replay20 50% [24, 76] (n=10), kept 0.50" in summarize.readme_block(s)
     # without the base model's held-out stage there is no held-out kept fraction (and no table)
     del stages["eval-base-harmsplit"]
     s = summarize.summarize(stages)
