@@ -49,7 +49,7 @@ __all__ = ["with_refusal_replay", "plan_replay", "ReplayPlan", "load_refusals", 
 logger = logging.getLogger(__name__)
 
 #: the share used when none is given. On Qwen2.5-Coder-0.5B-Instruct (docs/results-real-model.md) 5% kept the
-#: refusals through benign fine-tuning (3 seeds) but not through 160 harmful rows, where 20% held (two seeds).
+#: refusals through benign fine-tuning (3 seeds) but not through 160 harmful rows, where 20% held (3 seeds).
 DEFAULT_SHARE = 0.05
 
 
@@ -228,7 +228,7 @@ def with_refusal_replay(dataset, refusals, share: float = DEFAULT_SHARE, *, seed
     trainer is built; under DeepSpeed / DDP every rank must use the same ``seed`` (the default).
 
     ``share``: 0.05 is what kept a real model refusing through benign fine-tuning. If the data may contain harmful
-    requests, use a larger share (0.2 held against a harmful fine-tuning attack where 0.05 did not; two seeds).
+    requests, use a larger share (0.2 held against a harmful fine-tuning attack where 0.05 did not; 3 seeds).
     """
     try:
         import datasets as hf_datasets
