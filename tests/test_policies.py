@@ -62,10 +62,33 @@ def test_safety_top_by_difference():
     assert _units(resolve_policy(m, "safety-top:0")) == [[], []]
 
 
+def test_random_controls():
+    m = _mask()
+    r = resolve_policy(m, "random:0.25")
+    assert sum(int(x.sum()) for x in r) == 5 and _units(r) == _units(resolve_policy(m, "random:0.25"))  # fixed seed
+    assert _units(resolve_policy(m, "random:0")) == [[], []]
+    assert _units(resolve_policy(m, "random:1")) == [list(range(10))] * 2
+    ref = resolve_policy(m, "ru-only")
+    like = resolve_policy(m, "random-like:ru-only")
+    assert [int(x.sum()) for x in like] == [int(x.sum()) for x in ref] == [7, 6]  # same count in every group
+    assert _units(like) != _units(ref)  # other units (seed 0; a fixed draw, so this cannot flake)
+    assert _units(resolve_policy(m, "random-like:scu+cu10")) == _units(resolve_policy(m, "random-like:scu+cu10"))
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        resolve_policy(m, "random-like:nope")
+    m.scores["decision_z"] = [torch.zeros(10, dtype=torch.float64), -torch.arange(10, dtype=torch.float64)]
+    union = resolve_policy(m, "scu+decision:0.1")  # SCU [[0, 8], [5]] | top 2 decision [[0, 1], []]
+    assert _units(union) == [[0, 1, 8], [5]]
+    like_union = resolve_policy(m, "random-like:scu+decision:0.1")  # the whole union is the reference
+    assert [int(x.sum()) for x in like_union] == [3, 1]
+    misread = [a | b for a, b in zip(resolve_policy(m, "random-like:scu"), resolve_policy(m, "decision:0.1"))]
+    assert _units(like_union) != _units(misread)
+
+
 @pytest.mark.parametrize("policy, match", [
     ("scu+everything", r"unknown policy 'scu\+everything'; this mask stores \['explicit'\]"),
     ("scu+cu:1.5", r"fraction 1.5 is outside \[0, 1\]"),
     ("safety-top:abc", r"'abc' is not a number"),
+    ("random:2", r"fraction 2.0 is outside \[0, 1\]"),
     ("", "non-empty string"),
 ])
 def test_bad_policies(policy, match):

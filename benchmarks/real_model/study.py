@@ -42,6 +42,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "scu+cu6": {"policy": "scu+cu6"},                       # the paper's setting (i)
     "scu+cu": {"policy": "scu+cu"},                         # the paper's setting (ii)
     "ru-only": {"policy": "ru-only"},                       # only redundant units train
+    "random-like-ru": {"policy": "random-like:ru-only"},    # control: as many frozen per group as ru-only, at random
     "replay": {"replay": True},                             # with_refusal_replay(own refusals)
     "replay+scu+cu6": {"replay": True, "policy": "scu+cu6"},
     "constrained": {"constrained": True},                   # token-wise constrained objective (Qi et al. 2024)

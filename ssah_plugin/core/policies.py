@@ -12,6 +12,9 @@ policy             frozen units
 ``scu+cu:F``       the same with a fraction F in [0, 1] (``scu+cu:0.06`` == ``scu+cu6``)
 ``ru-only``        everything except the redundant units (train only RU: the alignment-budget use)
 ``safety-top:F``   the top fraction F of all units by ``I_S - I_U`` (standardised), ignoring classes
+``random:F``       a uniformly random fraction F of all units (fixed seed 0): a control, not a defence
+``random-like:P``  as many units as policy ``P`` freezes *in every group*, chosen at random (seed 0): the control
+                   that tells whether ``P``'s choice of units matters or only how many it freezes per layer
 ``decision:F``,    decision units / task-conflict units and unions with them (``scu+decision:0.05``), for masks
 ``conflict:F``     located with ``--decision-units`` / ``--task-data``: see :mod:`ssah_plugin.core.selections`
 =================  ================================================================================================
@@ -39,7 +42,10 @@ __all__ = ["resolve_policy", "PolicyError", "POLICY_HELP", "SAFETY_Z", "UTILITY_
 SAFETY_Z = "safety_z"
 UTILITY_Z = "utility_z"
 POLICY_HELP = ("a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F', "
-               "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F'")
+               "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F', controls 'random:F' "
+               "and 'random-like:POLICY'")
+#: seed of the random control policies (fixed, so that every rank and every run resolves the same units)
+RANDOM_SEED = 0
 
 
 def _need_classes(mask: "Mask", policy: str) -> list[torch.Tensor]:
@@ -66,6 +72,23 @@ def resolve_policy(mask: "Mask", policy: str) -> list[torch.Tensor]:
         return [s.clone() for s in mask.stored[policy]]
     if policy == "none":
         return [torch.zeros(g.n_units, dtype=torch.bool) for g in mask.groups]
+    # the controls first: 'random-like:' takes the whole rest as its policy, unions included
+    m = re.fullmatch(r"random:(.+)", policy)
+    if m:
+        frac = parse_fraction(m.group(1), policy)
+        gen = torch.Generator().manual_seed(RANDOM_SEED)
+        flat = torch.zeros(mask.n_units, dtype=torch.bool)
+        flat[torch.randperm(mask.n_units, generator=gen)[: int(round(frac * mask.n_units))]] = True
+        return list(torch.split(flat, [g.n_units for g in mask.groups]))
+    m = re.fullmatch(r"random-like:(.+)", policy)
+    if m:
+        gen = torch.Generator().manual_seed(RANDOM_SEED)
+        out = []
+        for ref in resolve_policy(mask, m.group(1)):
+            sel = torch.zeros(ref.numel(), dtype=torch.bool)
+            sel[torch.randperm(ref.numel(), generator=gen)[: int(ref.sum())]] = True
+            out.append(sel)
+        return out
     selected = resolve_selection(mask, policy, resolve_policy)  # decision / conflict units and unions with them
     if selected is not None:
         return selected
