@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def located(tiny_llama):
-    """A classified mask from a real (small) locate run on the shipped data: default policy scu+cu6."""
+    """A classified mask from a real (small) locate run on the shipped data: default policy ru-only."""
     from ssah_plugin.locate import LocateConfig, locate
 
     model, tok = tiny_llama
@@ -221,7 +221,7 @@ def test_from_spec_policy(located, tmp_path):
     m = Mask.from_spec(f"{folder}:scu")
     assert m.default_policy == "scu" and m.frozen_set_digest() == located.frozen_set_digest("scu")
     assert Mask.from_spec(f"{folder}:scu", policy="scu").default_policy == "scu"
-    assert Mask.from_spec(str(folder)).default_policy == "scu+cu6"
+    assert Mask.from_spec(str(folder)).default_policy == "ru-only"
     with pytest.raises(MaskSpecError, match=r"names policy 'scu' but policy='scu\+cu' was also passed"):
         Mask.from_spec(f"{folder}:scu", policy="scu+cu")
     with pytest.raises(PolicyError, match="nonsense"):
@@ -250,7 +250,7 @@ def test_model_card_content(located, tiny_llama, tmp_path, capsys):
     with safe_open(str(folder / MASK_FILENAME), framework="pt") as f:
         meta = f.metadata()
     assert meta["base_fingerprint"] in text and meta["checksum"] in text and located.config_hash in text
-    assert 'SSAHCallback("org/name:scu+cu6")' in text
+    assert 'SSAHCallback("org/name:ru-only")' in text
     assert "- method: `ssah-locate`" in text and "| max_samples | `8` |" in text and "| scu | `0.013` |" in text
     classes = {r[0]: int(r[1]) for r in _card_rows(text, "## Unit classes")}
     assert classes == {**located.summary()["classes"], "all": located.n_units}
@@ -259,7 +259,7 @@ def test_model_card_content(located, tiny_llama, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)["frozen"]
     rows = {r[0].split("`")[1]: r for r in _card_rows(text, "## Frozen per policy")}
     assert set(rows) == set(rep) == {"scu", "scu+cu6", "scu+cu", "ru-only"}
-    assert "(default)" in rows["scu+cu6"][0]
+    assert "(default)" in rows["ru-only"][0] and "(default)" not in rows["scu+cu6"][0]
     for pol, row in rows.items():
         assert int(row[1]) == rep[pol]["units"] == sum(int(s.sum()) for s in located.frozen(pol))
         assert row[2] == f"{rep[pol]['fraction']:.2%}"
@@ -350,7 +350,7 @@ def test_callback_with_hub_spec_freezes_the_spec_policy(offline_cache, located, 
     assert sum(int(m.sum()) for m in scu.values()) > 0
     for name, m in scu.items():
         assert torch.equal(params[name].detach()[m], base[name][m]), name  # bitwise
-        only_wider = wider[name] & ~m  # frozen by the default policy, trained under the spec's policy
+        only_wider = wider[name] & ~m  # frozen by scu+cu6, trained under the spec's policy
         if only_wider.any():
             assert not torch.equal(params[name].detach()[only_wider], base[name][only_wider]), name
 

@@ -114,7 +114,7 @@ def test_head_score_is_sum_of_channel_scores(llama, tok):
 def test_locate_result_fields(llama, tok):
     mask = locate(llama, tok, config=LocateConfig(max_samples=4, max_length=64, progress=False))
     assert set(mask.scores) == {"safety", "utility", "safety_z", "utility_z"}
-    assert mask.default_policy == "scu+cu6"
+    assert mask.default_policy == "ru-only"
     assert mask.method["config"]["max_samples"] == 4 and mask.method["mode"] == "whole-model"
     assert mask.method["data"]["n_safety"] == 4
     n = mask.n_units

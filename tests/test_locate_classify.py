@@ -81,7 +81,7 @@ def test_mask_round_trip_keeps_scores_classes_method(located, tmp_path):
     for k in mask.scores:
         assert all(torch.equal(a, b) for a, b in zip(mask.scores[k], back.scores[k]))
     assert all(torch.equal(a, b) for a, b in zip(mask.classes, back.classes))
-    assert back.method == mask.method and back.default_policy == "scu+cu6"
+    assert back.method == mask.method and back.default_policy == "ru-only"
 
 
 @pytest.mark.parametrize("policy,expected", [

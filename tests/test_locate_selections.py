@@ -221,7 +221,7 @@ def _flat(sets):
 def test_stored_sets_and_policies_are_exact_top_fractions(llama_located):
     _, mask = llama_located
     n = mask.n_units
-    assert mask.policies == ["decision", "conflict"] and mask.default_policy == "scu+cu6"
+    assert mask.policies == ["decision", "conflict"] and mask.default_policy == "ru-only"
     assert _flat(mask.stored["decision"]) == _top(mask.scores["decision_z"], round(0.05 * n))
     assert _flat(mask.stored["conflict"]) == _top(mask.scores["conflict_dot"], round(0.05 * n), highest=False)
     assert mask.method["selections"]["decision"]["stored_units"] == round(0.05 * n)

@@ -37,13 +37,17 @@ from ssah_plugin.core.selections import resolve_selection
 if TYPE_CHECKING:  # pragma: no cover
     from ssah_plugin.core.mask import Mask
 
-__all__ = ["resolve_policy", "PolicyError", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z"]
+__all__ = ["resolve_policy", "PolicyError", "POLICY_HELP", "SAFETY_Z", "UTILITY_Z", "LOCATED_DEFAULT_POLICY"]
 
 SAFETY_Z = "safety_z"
 UTILITY_Z = "utility_z"
 POLICY_HELP = ("a stored set, 'none', 'scu', 'scu+cu', 'scu+cuN' (N percent), 'scu+cu:F', 'ru-only', 'safety-top:F', "
                "'decision:F', 'conflict:F', 'conflict-cos:F', unions such as 'scu+decision:F', controls 'random:F' "
                "and 'random-like:POLICY'")
+#: the policy a located mask uses when the trainer names none. ``ru-only`` is the freezing policy that kept a real
+#: model refusing through benign fine-tuning (Qwen2.5-Coder-0.5B-Instruct, 3 seeds: 73% vs 34% plain, kept 0.95 of the
+#: lost refusals at 4% lower benign loss; the paper's setting (i) ``scu+cu6`` kept 0.06; docs/results-real-model.md)
+LOCATED_DEFAULT_POLICY = "ru-only"
 #: seed of the random control policies (fixed, so that every rank and every run resolves the same units)
 RANDOM_SEED = 0
 

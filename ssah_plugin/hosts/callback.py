@@ -97,7 +97,7 @@ class SSAHCallback(TrainerCallback, ExportableState):
     Example:
         >>> from ssah_plugin import SSAHCallback
         >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds,          # doctest: +SKIP
-        ...                      callbacks=[SSAHCallback("mask.safetensors", policy="scu+cu6")])
+        ...                      callbacks=[SSAHCallback("mask.safetensors", policy="ru-only")])
     """
 
     def __init__(self, mask: MaskLike | None = None, policy: str | None = None, *, check_fingerprint: bool = True,

@@ -22,6 +22,7 @@ from torch import nn
 
 from ssah_plugin.core.hub import names_hub_repo
 from ssah_plugin.core.mask import CLASS_CODES, Mask, config_hash, fingerprint_samples
+from ssah_plugin.core.policies import LOCATED_DEFAULT_POLICY
 from ssah_plugin.core.units import UnitGroup, find_arch_spec, unwrap_model
 from ssah_plugin.errors import UnsupportedSetupError
 from ssah_plugin.locate.config import CLASS_ORDER, LocateConfig
@@ -150,7 +151,7 @@ def build_mask(model: nn.Module, groups: list[UnitGroup], raw_safety: list[torch
                 config_hash=config_hash(root), fingerprint=fingerprint,
                 scores={"safety": [t.to(torch.float64) for t in raw_safety],
                         "utility": [t.to(torch.float64) for t in raw_utility], "safety_z": sz, "utility_z": uz},
-                classes=classes, default_policy="scu+cu6", method=method,
+                classes=classes, default_policy=LOCATED_DEFAULT_POLICY, method=method,
                 granularity=config.granularity).record_base(root, missing="skip")  # digests of the base values
 
 
