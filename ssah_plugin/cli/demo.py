@@ -25,6 +25,8 @@ import logging
 import random
 from pathlib import Path
 
+from ssah_plugin.core.policies import LOCATED_DEFAULT_POLICY
+
 HELP = "run locate -> fine-tune with the callback -> verify -> eval on a tiny model and the shipped data"
 EPILOG = """example:
   ssah-plugin demo --out runs/demo
@@ -37,7 +39,8 @@ logger = logging.getLogger("ssah_plugin.demo")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--family", default="llama", help="tiny model family (default: llama)")
-    p.add_argument("--policy", default="scu+cu6", help="units to freeze while fine-tuning (default: scu+cu6)")
+    p.add_argument("--policy", default=LOCATED_DEFAULT_POLICY,
+                   help=f"units to freeze while fine-tuning (default: {LOCATED_DEFAULT_POLICY}, a located mask's default)")
     p.add_argument("--align-steps", type=int, default=120, help="toy-alignment SFT steps (default: 120)")
     p.add_argument("--tune-steps", type=int, default=30, help="fine-tuning steps (default: 30)")
     p.add_argument("--tune-lr", type=float, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
