@@ -45,6 +45,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "random-like-ru": {"policy": "random-like:ru-only"},    # control: as many frozen per group as ru-only, at random
     "replay": {"replay": True},                             # with_refusal_replay(own refusals)
     "replay+scu+cu6": {"replay": True, "policy": "scu+cu6"},
+    "replay+ru-only": {"replay": True, "policy": "ru-only"},   # README's example: replay + the default policy
     "constrained": {"constrained": True},                   # token-wise constrained objective (Qi et al. 2024)
     "constrained+scu+cu6": {"constrained": True, "policy": "scu+cu6"},
     "decision": {"policy": "decision:0.05"},              # locate's decision units (prompt-end separation)
