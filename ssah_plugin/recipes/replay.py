@@ -228,7 +228,8 @@ def with_refusal_replay(dataset, refusals, share: float = DEFAULT_SHARE, *, seed
     trainer is built; under DeepSpeed / DDP every rank must use the same ``seed`` (the default).
 
     ``share``: 0.05 is what kept a real model refusing through benign fine-tuning. If the data may contain harmful
-    requests, use a larger share (0.2 held against a harmful fine-tuning attack where 0.05 did not; 3 seeds).
+    requests, use a larger share: 0.2 held against a harmful fine-tuning attack where 0.05 did not (3 seeds), on
+    AdvBench-style requests; on the attack's own kind of request it kept only a third (one seed).
     """
     try:
         import datasets as hf_datasets
