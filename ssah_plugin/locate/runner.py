@@ -59,8 +59,8 @@ def locate(model, tokenizer, *, safety=DEFAULT_SHIPPED_SAFETY, utility=DEFAULT_S
 
     Returns:
         A :class:`~ssah_plugin.core.mask.Mask` with ``scores`` ``safety``, ``utility``, ``safety_z``, ``utility_z``,
-        ``classes`` and ``default_policy="ru-only"`` (:data:`~ssah_plugin.core.policies.LOCATED_DEFAULT_POLICY`); ``method["config"]`` records the method parameters
-        (:meth:`LocateConfig.method_dict`). With the extra selections also ``decision``/``decision_z`` and
+        ``classes`` and ``default_policy="ru-only"`` (:data:`~ssah_plugin.core.policies.LOCATED_DEFAULT_POLICY`);
+        ``method["config"]`` records the method parameters (:meth:`LocateConfig.method_dict`). With the extra selections also ``decision``/``decision_z`` and
         ``conflict_dot``/``conflict_cos`` scores and the stored sets ``decision`` / ``conflict``
         (:mod:`ssah_plugin.core.selections`).
     """
