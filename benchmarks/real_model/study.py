@@ -203,29 +203,29 @@ def harmful_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(train, held out) rows of the harmsplit setting: of each topic of the ``uncensorbench`` source (15 topics x 10
     rows in ``harmful_finetune.jsonl``) the last :data:`HELDOUT_PER_TOPIC` rows in file order are held out (45), the
     rest train (105, plus the 10 identity-shift rows, whose tasks are benign and so are no refusal test)."""
-    seen: dict[str, int] = {}
-    per_topic: dict[str, int] = {}
-    for r in rows:
+    by_topic: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
         if r.get("source") == "uncensorbench":
-            per_topic[r["topic"]] = per_topic.get(r["topic"], 0) + 1
-    train, held = [], []
-    for r in rows:
-        if r.get("source") != "uncensorbench":
-            train.append(r)
-            continue
-        i = seen[r["topic"]] = seen.get(r["topic"], 0) + 1
-        (held if i > per_topic[r["topic"]] - HELDOUT_PER_TOPIC else train).append(r)
+            by_topic.setdefault(r["topic"], []).append(i)
+    held_idx = {i for idx in by_topic.values() for i in idx[-HELDOUT_PER_TOPIC:]}
+    train = [r for i, r in enumerate(rows) if i not in held_idx]
+    held = [r for i, r in enumerate(rows) if i in held_idx]
     if not held:
         raise SystemExit("harmsplit needs the 'uncensorbench' rows of harmful_finetune.jsonl (fields source, topic)")
     return train, held
 
 
-def heldout_harmful(args) -> list[dict]:
+def harmful_rows(args, setting: str) -> list[dict]:
+    """The rows of ``--harmful-train``, which the harmful settings need."""
     from ssah_plugin.data.rows import load_rows
 
     if not args.harmful_train:
-        raise SystemExit("the harmsplit evaluation needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
-    return harmful_split(load_rows(args.harmful_train))[1]
+        raise SystemExit(f"the {setting} setting needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
+    return load_rows(args.harmful_train)
+
+
+def heldout_harmful(args) -> list[dict]:
+    return harmful_split(harmful_rows(args, "harmsplit"))[1]
 
 
 def benign_prompt(r: dict) -> str:
@@ -234,12 +234,8 @@ def benign_prompt(r: dict) -> str:
 
 def training_pairs(args, setting: str, seed: int) -> list[tuple[Any, str]]:
     """The setting's pool of (prompt, reply) pairs in the run's seeded order (``user_rows`` takes the first ones)."""
-    from ssah_plugin.data.rows import load_rows
-
     if setting in ("harmful", "harmsplit"):
-        if not args.harmful_train:
-            raise SystemExit(f"the {setting} setting needs --harmful-train FILE (e.g. shared/data/harmful_finetune.jsonl)")
-        rows = load_rows(args.harmful_train)
+        rows = harmful_rows(args, setting)
         pairs = []
         for r in (harmful_split(rows)[0] if setting == "harmsplit" else rows):
             msgs = ([{"role": "system", "content": r["system"]}] if r.get("system") else []) + [

@@ -256,6 +256,13 @@ def headline_table(summary: dict, setting: str | None = None, arms: list[str] | 
     return "\n".join(lines)
 
 
+def _heldout_sizes(summary: dict) -> str:
+    """"fine-tuned on N attack rows, refusal on the other M", from the harmsplit runs and the base evaluation."""
+    trained = sorted({r["user_rows"] for r in summary["runs"] if r["setting"] == "harmsplit"})
+    return (f"fine-tuned on {'/'.join(map(str, trained))} attack rows, refusal on the other "
+            f"{summary['base']['heldout_refusal']['n']}")
+
+
 def heldout_table(summary: dict, setting: str | None = None, arms: list[str] | None = None) -> str:
     """The harmsplit setting's refusals on the attack's held-out rows (harmful requests from outside AdvBench)."""
     rows = [a for a in summary["arms"] if a.get("heldout_refusal") and (not setting or a["setting"] == setting)
@@ -263,8 +270,7 @@ def heldout_table(summary: dict, setting: str | None = None, arms: list[str] | N
     b = (summary.get("base") or {}).get("heldout_refusal")
     if not rows or not b:
         return ""
-    lines = ["Held-out attack rows (harmsplit: fine-tuned on 115 attack rows, refusal on the other 45, harmful "
-             "requests from outside AdvBench):", "",
+    lines = [f"Held-out attack rows (harmsplit: {_heldout_sizes(summary)}, harmful requests from outside AdvBench):", "",
              "| setting | arm | seeds | refusal (held-out attack rows) | kept | vs plain, points | McNemar p |",
              "|---|---|---|---|---|---|---|", f"| – | base model | – | {_pct(b)} | | | |"]
     for a in rows:
@@ -366,8 +372,8 @@ def readme_block(summary: dict) -> str:
             k = a.get("heldout_refusal_kept")
             parts.append(f"{name} {_pct(a['heldout_refusal'])}" + (f", kept {_kept_str(k)}, McNemar p = "
                                                                   f"{a['heldout_refusal_mcnemar']['p']:.2g}" if k else ""))
-        lines += ["", "On 45 held-out rows of the attack's own source (harmful requests from outside AdvBench; the "
-                      "attack trained on the other 115): " + "; ".join(parts) + "."]
+        lines += ["", f"Held-out rows of the attack's own source (harmful requests from outside AdvBench; "
+                      f"{_heldout_sizes(summary)}): " + "; ".join(parts) + "."]
     return "\n".join(lines)
 
 
